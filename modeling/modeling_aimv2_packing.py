@@ -1,0 +1,218 @@
+"""Packed AIMv2 vision tower: many images of any size in one forward, no padding.
+
+Reads like transformers' `modeling_aimv2.py` minus padding: patch embedding + RMSNorm + positions -> encoder
+layers (RMSNorm, SwiGLU) -> RMSNorm -> attention-pooling head. Module names are `Aimv2VisionModel`'s keys, the
+Conv2d patch embedding keeps its shape, so its state dict loads with `strict=True` both ways.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..configuration.configuration_aimv2_packing import Aimv2PackingVisionConfig
+from .packing import (
+    LastHiddenStateModule,
+    PackedGrid,
+    PackedSelfAttention,
+    PackedVisionPreTrainedModel,
+    pack_inputs,
+    resized_position_embedding,
+    run_encoder,
+    sincos_position_embedding,
+    varlen_attention,
+)
+
+
+class Aimv2PackingRMSNorm(nn.Module):
+    """RMSNorm in fp32, weight applied in the input dtype (as `Aimv2RMSNorm`)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class Aimv2PackingVisionEmbeddings(nn.Module):
+    """Conv2d patch embedding applied as a linear map on the patches, RMSNorm, then position embeddings.
+
+    Positions: native checkpoints (`is_native`) use 2-D sin-cos of each token's (row, col); learned-position
+    checkpoints use their `image_size // patch_size` square table, exact at that grid and resized to other grids
+    with `config.position_resize_mode` (antialiased bicubic by default, as timm's `resample_abs_pos_embed`),
+    or refused when that is `None`.
+    """
+
+    def __init__(self, config: Aimv2PackingVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.rms_norm = Aimv2PackingRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.trained_side = config.image_size // config.patch_size
+        if not config.is_native:
+            self.position_embedding = nn.Embedding(self.trained_side**2, config.hidden_size)
+
+    def forward(self, patches: torch.Tensor, packed: PackedGrid) -> torch.Tensor:
+        # Conv2d weight [D, C, p, p] -> [D, p*p*C] in the patches' (row, col, channel) order: no image rebuilt.
+        weight = self.patch_embed.weight.permute(0, 2, 3, 1).flatten(1)
+        hidden_states = F.linear(patches.to(weight.dtype), weight, self.patch_embed.bias)  # [N, D]
+        hidden_states = self.rms_norm(hidden_states)
+        if self.config.is_native:
+            positions = sincos_position_embedding(
+                packed, self.config.hidden_size, hidden_states.device, hidden_states.dtype
+            )
+        else:
+            positions = self.learned_positions(packed)
+        return hidden_states + positions
+
+    def learned_positions(self, packed: PackedGrid) -> torch.Tensor:
+        mode = self.config.position_resize_mode
+        if mode is None:
+            side = self.trained_side
+            off_grid = (packed.grid_thw[:, 1] != side) | (packed.grid_thw[:, 2] != side)
+            if off_grid.any():
+                raise ValueError(
+                    f"This learned-position AIMv2 checkpoint serves only its trained {side}x{side} grid "
+                    f"(image_size {self.config.image_size}); got grids "
+                    f"{packed.grid_thw[off_grid][:, 1:].tolist()}. Set config.position_resize_mode='bicubic' "
+                    "to resize the table."
+                )
+            mode = "bicubic"  # every grid is the trained one: the resize map is the identity
+        return resized_position_embedding(self.position_embedding.weight, packed, mode, antialias=True)
+
+
+class Aimv2PackingMLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config: Aimv2PackingVisionConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class Aimv2PackingEncoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: Aimv2PackingVisionConfig):
+        super().__init__()
+        self.attention = PackedSelfAttention(
+            config.hidden_size, config.num_attention_heads, config.qkv_bias, config.attention_dropout
+        )
+        self.ffn = Aimv2PackingMLP(config)
+        self.rms_norm1 = Aimv2PackingRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rms_norm2 = Aimv2PackingRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
+        hidden_states = hidden_states + self.attention(self.rms_norm1(hidden_states), packed, backend)
+        return hidden_states + self.ffn(self.rms_norm2(hidden_states))
+
+
+class Aimv2PackingEncoder(nn.Module):
+    def __init__(self, config: Aimv2PackingVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([Aimv2PackingEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states, packed: PackedGrid, backend: str, output_hidden_states: bool = False):
+        return run_encoder(self.layers, hidden_states, packed, backend, output_hidden_states)
+
+
+class Aimv2PackingAttentionPoolingHead(nn.Module):
+    """A learned cls query per frame attends over that frame's tokens (varlen), then a linear projection."""
+
+    def __init__(self, config: Aimv2PackingVisionConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.output_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
+        dim = hidden_states.shape[-1]
+        head_dim = dim // self.num_heads
+        query = self.cls_token.reshape(1, self.num_heads, head_dim).expand(packed.num_frames, -1, -1)  # [F, H, Dh]
+        key = self.k_proj(hidden_states).view(-1, self.num_heads, head_dim)  # [N, H, Dh]
+        value = self.v_proj(hidden_states).view(-1, self.num_heads, head_dim)
+        pooled = varlen_attention(
+            query.to(key.dtype), key, value, packed.frame_queries, packed.frames, head_dim**-0.5, backend
+        )
+        return self.output_proj(pooled.reshape(packed.num_frames, dim))  # [F, D]
+
+
+class Aimv2PackingPreTrainedModel(PackedVisionPreTrainedModel):
+    config_class = Aimv2PackingVisionConfig
+    base_model_prefix = "aimv2_packing"
+    _no_split_modules = ["Aimv2PackingVisionEmbeddings", "Aimv2PackingEncoderLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Aimv2PackingAttentionPoolingHead):
+            nn.init.normal_(module.cls_token, std=self.config.initializer_range)
+        elif isinstance(module, Aimv2PackingRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class Aimv2PackingVisionModel(Aimv2PackingPreTrainedModel):
+    """AIMv2 vision tower on packed patches.
+
+    forward(hidden_states [N, p*p*C] patches (row, col, channel), grid_thw [B, 3]) -> BaseModelOutputWithPooling
+    with last_hidden_state [N, D] and pooler_output [num_frames, D] (None without head).
+    """
+
+    def __init__(self, config: Aimv2PackingVisionConfig):
+        super().__init__(config)
+        self.embeddings = Aimv2PackingVisionEmbeddings(config)
+        self.encoder = Aimv2PackingEncoder(config)
+        self.rms_norm = Aimv2PackingRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.use_head:
+            self.head = Aimv2PackingAttentionPoolingHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embed
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor | None = None,
+        grid_thw: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        pixel_values: torch.Tensor | None = None,  # the image processor's name for `hidden_states`
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        patches = hidden_states if hidden_states is not None else pixel_values
+        config = self.config
+        packed = pack_inputs(patches, grid_thw, config.num_channels * config.patch_size**2)
+        backend = self.attention_backend(patches.device, self.embeddings.patch_embed.weight.dtype)
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+
+        embeddings = self.embeddings(patches, packed)
+        encoded = self.encoder(embeddings, packed, backend, output_hidden_states)
+        last_hidden_state = self.rms_norm(encoded.last_hidden_state)
+        pooler_output = self.head(last_hidden_state, packed, backend) if config.use_head else None
+
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=encoded.hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class AIMv2Packing(LastHiddenStateModule):
+    """Seed-compatible alias: `AIMv2Packing(ckpt=..., device=...)(hidden_states, grid_thw)`."""
+
+    model_class = Aimv2PackingVisionModel

@@ -1,0 +1,169 @@
+"""Packed Siglip2-NaFlex vision tower: many images of any size in one forward, no padding.
+
+Reads like transformers' `modeling_siglip2.py` minus padding: embeddings -> encoder layers -> post layernorm ->
+attention-pooling head. Module names are the checkpoint's keys (no `vision_model.` prefix), so a
+`Siglip2VisionModel` state dict loads with `strict=True`. The packing itself (segments, varlen attention,
+position-map resize) lives in `packing.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..configuration.configuration_siglip2_packing import Siglip2PackingVisionConfig
+from .packing import (
+    LastHiddenStateModule,
+    PackedGrid,
+    PackedSelfAttention,
+    PackedVisionPreTrainedModel,
+    pack_inputs,
+    resized_position_embedding,
+    run_encoder,
+    varlen_attention,
+)
+
+
+class Siglip2PackingVisionEmbeddings(nn.Module):
+    """Linear patch embedding + the learned position table resized to each image's grid."""
+
+    def __init__(self, config: Siglip2PackingVisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Linear(config.num_channels * config.patch_size**2, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)  # a sqrt x sqrt grid
+
+    def forward(self, patches: torch.Tensor, packed: PackedGrid) -> torch.Tensor:
+        patch_embeds = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))  # [N, D]
+        # transformers resizes with bilinear + antialias, align_corners=False
+        positions = resized_position_embedding(self.position_embedding.weight, packed, "bilinear", antialias=True)
+        return patch_embeds + positions
+
+
+class Siglip2PackingMLP(nn.Module):
+    def __init__(self, config: Siglip2PackingVisionConfig):
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class Siglip2PackingEncoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: Siglip2PackingVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = PackedSelfAttention(
+            config.hidden_size, config.num_attention_heads, bias=True, attention_dropout=config.attention_dropout
+        )
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Siglip2PackingMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), packed, backend)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class Siglip2PackingEncoder(nn.Module):
+    def __init__(self, config: Siglip2PackingVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([Siglip2PackingEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states, packed: PackedGrid, backend: str, output_hidden_states: bool = False):
+        return run_encoder(self.layers, hidden_states, packed, backend, output_hidden_states)
+
+
+class Siglip2PackingMultiheadAttentionPoolingHead(nn.Module):
+    """Attention pooling, one learned probe per frame over that frame's tokens (a varlen attention).
+
+    Keeps `nn.MultiheadAttention`'s parameters (`attention.in_proj_weight`, `in_proj_bias`, `out_proj`) so the
+    checkpoint loads unchanged, and applies them to packed tokens.
+    """
+
+    def __init__(self, config: Siglip2PackingVisionConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Siglip2PackingMLP(config)
+        self.num_heads = config.num_attention_heads
+
+    def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
+        num_frames, dim = packed.num_frames, hidden_states.shape[-1]
+        head_dim = dim // self.num_heads
+        w_q, w_k, w_v = self.attention.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.attention.in_proj_bias.chunk(3)
+        query = nn.functional.linear(self.probe.reshape(1, dim), w_q, b_q).view(1, self.num_heads, head_dim)
+        query = query.expand(num_frames, -1, -1)  # [F, H, Dh]: the same probe for every frame
+        key = nn.functional.linear(hidden_states, w_k, b_k).view(-1, self.num_heads, head_dim)  # [N, H, Dh]
+        value = nn.functional.linear(hidden_states, w_v, b_v).view(-1, self.num_heads, head_dim)
+        pooled = varlen_attention(query, key, value, packed.frame_queries, packed.frames, head_dim**-0.5, backend)
+        pooled = self.attention.out_proj(pooled.reshape(num_frames, dim))  # [F, D]
+        return pooled + self.mlp(self.layernorm(pooled))
+
+
+class Siglip2PackingPreTrainedModel(PackedVisionPreTrainedModel):
+    config_class = Siglip2PackingVisionConfig
+    base_model_prefix = "siglip2_packing"
+    _no_split_modules = ["Siglip2PackingVisionEmbeddings", "Siglip2PackingEncoderLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Siglip2PackingMultiheadAttentionPoolingHead):
+            nn.init.xavier_uniform_(module.probe)
+
+
+class Siglip2PackingVisionModel(Siglip2PackingPreTrainedModel):
+    """Siglip2 vision tower on packed patches.
+
+    forward(hidden_states [N, p*p*C] patches (row, col, channel), grid_thw [B, 3]) -> BaseModelOutputWithPooling
+    with last_hidden_state [N, D] and pooler_output [num_frames, D] (None without head).
+    """
+
+    def __init__(self, config: Siglip2PackingVisionConfig):
+        super().__init__(config)
+        self.embeddings = Siglip2PackingVisionEmbeddings(config)
+        self.encoder = Siglip2PackingEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.vision_use_head:
+            self.head = Siglip2PackingMultiheadAttentionPoolingHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor | None = None,
+        grid_thw: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        pixel_values: torch.Tensor | None = None,  # the image processor's name for `hidden_states`
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        patches = hidden_states if hidden_states is not None else pixel_values
+        config = self.config
+        packed = pack_inputs(patches, grid_thw, config.num_channels * config.patch_size**2)
+        backend = self.attention_backend(patches.device, self.embeddings.patch_embedding.weight.dtype)
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+
+        embeddings = self.embeddings(patches, packed)
+        encoded = self.encoder(embeddings, packed, backend, output_hidden_states)
+        last_hidden_state = self.post_layernorm(encoded.last_hidden_state)
+        pooler_output = self.head(last_hidden_state, packed, backend) if config.vision_use_head else None
+
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=encoded.hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class Siglip2NaflexPacking(LastHiddenStateModule):
+    """Seed-compatible alias: `Siglip2NaflexPacking(ckpt=..., device=...)(hidden_states, grid_thw)`."""
+
+    model_class = Siglip2PackingVisionModel

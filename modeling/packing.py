@@ -1,0 +1,378 @@
+"""What both packed towers share: packing metadata, varlen attention, position maps, the PreTrainedModel base.
+
+A packed batch is `hidden_states [N, patch_dim]` (the patches of all images, each image row-major, frame-major
+for t > 1) plus `grid_thw [B, 3]` in patches. Everything the layers need to know about the images is derived
+ONCE per forward, on the host, from `grid_thw` (`PackedGrid`), and handed to every layer: the attention kernels
+see only segments (`cu_seqlens`, `max_seqlen`), the position embeddings see only each token's (row, col).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+# --------------------------------------------------------------------------------------------------------------
+# Packing metadata
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segments:
+    """Consecutive variable-length segments of a packed sequence, in the form every varlen kernel takes."""
+
+    lengths: torch.Tensor  # [S] int64, host
+    device: torch.device
+    cu_seqlens: torch.Tensor = field(init=False)  # [S + 1] int32, on `device`
+    max_seqlen: int = field(init=False)  # Python int: kernels size their launch grid with it
+    _padded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        cu_seqlens = torch.zeros(len(self.lengths) + 1, dtype=torch.int32)
+        torch.cumsum(self.lengths, 0, out=cu_seqlens[1:])
+        self.cu_seqlens = cu_seqlens.to(self.device, non_blocking=True)
+        self.max_seqlen = int(self.lengths.max()) if len(self.lengths) else 0
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.lengths)
+
+    def padded_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot [T], valid [S, max_seqlen]) of the padded `[S, max_seqlen]` batch the pure-PyTorch path uses.
+
+        Built on first use and kept: all layers of a forward share it.
+        """
+        if self._padded is None:
+            segment = torch.repeat_interleave(torch.arange(self.num_segments), self.lengths)
+            starts = torch.cumsum(self.lengths, 0) - self.lengths
+            slot = segment * self.max_seqlen + torch.arange(len(segment)) - starts[segment]
+            valid = torch.arange(self.max_seqlen)[None, :] < self.lengths[:, None]
+            self._padded = (slot.to(self.device, non_blocking=True), valid.to(self.device, non_blocking=True))
+        return self._padded
+
+
+@dataclass
+class PackedGrid:
+    """Per-forward packing metadata derived from `grid_thw`, on the host, once."""
+
+    grid_thw: torch.Tensor  # [B, 3] int64, host
+    frames: Segments  # one attention segment per frame (Qwen2-VL convention)
+    frame_queries: Segments  # one query per frame: the attention-pooling heads
+    token_rows: torch.Tensor  # [N] int64, host: row of each token inside its frame
+    token_cols: torch.Tensor  # [N] int64, host
+    token_heights: torch.Tensor  # [N] int64, host: h of each token's frame
+    token_widths: torch.Tensor  # [N] int64, host
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_rows)
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.num_segments
+
+    @classmethod
+    def from_grid_thw(cls, grid_thw: torch.Tensor, device: torch.device) -> "PackedGrid":
+        t, h, w = grid_thw.unbind(1)
+        frame_heights, frame_widths = h.repeat_interleave(t), w.repeat_interleave(t)  # [F]
+        frame_lengths = frame_heights * frame_widths
+        num_tokens = int(frame_lengths.sum())
+        token_frame = torch.repeat_interleave(torch.arange(len(frame_lengths)), frame_lengths)  # [N]
+        frame_starts = torch.cumsum(frame_lengths, 0) - frame_lengths
+        index_in_frame = torch.arange(num_tokens) - frame_starts[token_frame]
+        token_widths = frame_widths[token_frame]
+        return cls(
+            grid_thw=grid_thw,
+            frames=Segments(frame_lengths, device),
+            frame_queries=Segments(torch.ones_like(frame_lengths), device),
+            token_rows=index_in_frame // token_widths,
+            token_cols=index_in_frame % token_widths,
+            token_heights=frame_heights[token_frame],
+            token_widths=token_widths,
+        )
+
+
+def pack_inputs(hidden_states: torch.Tensor, grid_thw, patch_dim: int) -> PackedGrid:
+    """Checks a packed batch (DESIGN §9) and returns its metadata. At most one device->host copy (`grid_thw`)."""
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor of patches, got {type(hidden_states).__name__}")
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != patch_dim:
+        raise ValueError(
+            f"hidden_states must be [total_patches, patch_size*patch_size*num_channels] = [N, {patch_dim}], "
+            f"got shape {tuple(hidden_states.shape)}"
+        )
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"hidden_states must be a floating-point tensor, got {hidden_states.dtype}")
+    if grid_thw is None:
+        raise ValueError("grid_thw is required: [num_images, 3] integer (t, h, w) in patches")
+    if not isinstance(grid_thw, torch.Tensor):
+        grid_thw = torch.as_tensor(grid_thw)
+    if grid_thw.is_floating_point() or grid_thw.is_complex() or grid_thw.dtype == torch.bool:
+        raise TypeError(f"grid_thw must be an integer tensor, got {grid_thw.dtype}")
+    if grid_thw.numel() == 0:
+        grid_thw = grid_thw.reshape(0, 3)
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+        raise ValueError(f"grid_thw must be [num_images, 3] (t, h, w), got shape {tuple(grid_thw.shape)}")
+    grid_thw = grid_thw.to("cpu", torch.int64)  # the one device->host copy of a forward (none if already here)
+    if (grid_thw <= 0).any():
+        bad = grid_thw[(grid_thw <= 0).any(1)].tolist()
+        raise ValueError(f"grid_thw entries must be positive (t, h, w >= 1), got {bad}")
+    total = int(grid_thw.prod(1).sum())
+    if total != hidden_states.shape[0]:
+        raise ValueError(
+            f"grid_thw describes sum(t*h*w) = {total} patches but hidden_states has {hidden_states.shape[0]}"
+        )
+    # Checking finiteness of a GPU tensor would cost a host sync every forward; the CPU check is free.
+    if hidden_states.device.type == "cpu" and not torch.isfinite(hidden_states).all():
+        raise ValueError("hidden_states contains NaN or Inf")
+    return PackedGrid.from_grid_thw(grid_thw, hidden_states.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Varlen attention dispatch
+# --------------------------------------------------------------------------------------------------------------
+
+# name -> (what it needs, what to install). "auto" picks the fastest one that needs no extra package.
+ATTENTION_BACKENDS = {
+    "varlen_attn": "torch >= 2.10 built with CUDA (torch.nn.attention.varlen.varlen_attn); CUDA fp16/bf16",
+    "flash_attention_2": "the flash-attn package: pip install 'packed-vit[flash]'; CUDA fp16/bf16",
+    "sdpa": "pure PyTorch, any device and dtype (padded per-frame batch, masked)",
+    "eager": "pure PyTorch matmul + fp32 softmax, any device and dtype (the reference math)",
+}
+FLASH_BACKENDS = ("varlen_attn", "flash_attention_2")
+
+
+def _torch_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def check_attn_implementation(name: str | None) -> str:
+    """Validates a requested backend name at construction time; returns it ("auto" when none was asked)."""
+    if name is None or name == "auto":
+        return "auto"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"Unknown attn_implementation={name!r}; choose one of 'auto', {', '.join(ATTENTION_BACKENDS)}")
+    if name == "varlen_attn" and _torch_varlen_attn() is None:
+        raise ValueError(f"attn_implementation='varlen_attn' needs torch >= 2.10; this is torch {torch.__version__}")
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("attn_implementation='flash_attention_2' needs flash-attn: pip install 'packed-vit[flash]'")
+    return name
+
+
+def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend a forward on (device, dtype) will use; a requested one that cannot run there is an error."""
+    runs_flash = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if name == "auto":
+        return "varlen_attn" if runs_flash and _torch_varlen_attn() is not None else "sdpa"
+    if name in FLASH_BACKENDS and not runs_flash:
+        raise ValueError(
+            f"attn_implementation={name!r} runs on CUDA fp16/bf16 only, got {device.type} {dtype}: cast the model "
+            "(model.to(torch.bfloat16)) or choose attn_implementation='sdpa'"
+        )
+    return name
+
+
+def _pad(x: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """[T, H, D] packed -> [S, H, L, D] padded with zeros (differentiable)."""
+    slot, _ = segments.padded_layout()
+    padded = x.new_zeros(segments.num_segments * segments.max_seqlen, *x.shape[1:]).index_copy(0, slot, x)
+    return padded.view(segments.num_segments, segments.max_seqlen, *x.shape[1:]).transpose(1, 2)
+
+
+def _unpad(x: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """[S, H, L, D] padded -> [T, H, D] packed."""
+    slot, _ = segments.padded_layout()
+    return x.transpose(1, 2).flatten(0, 1)[slot]
+
+
+def varlen_attention(
+    query: torch.Tensor,  # [Tq, H, D]
+    key: torch.Tensor,  # [Tk, H, D]
+    value: torch.Tensor,  # [Tk, H, D]
+    query_segments: Segments,
+    key_segments: Segments,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:  # [Tq, H, D]
+    """Attention of each query segment over the key segment of the same index, nothing across segments."""
+    if query.shape[0] == 0 or key_segments.num_segments == 0:
+        return query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
+    if backend == "varlen_attn":
+        # torch 2.10 has no `scale=`: the 7 positional args run on 2.10 and 2.11+; the default scale is ours.
+        if not math.isclose(scale, query.shape[-1] ** -0.5):
+            query = query * (scale * query.shape[-1] ** 0.5)
+        return _torch_varlen_attn()(
+            query, key, value,
+            query_segments.cu_seqlens, key_segments.cu_seqlens,
+            query_segments.max_seqlen, key_segments.max_seqlen,
+        )  # fmt: skip
+    if backend == "flash_attention_2":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(
+            query, key, value,
+            query_segments.cu_seqlens, key_segments.cu_seqlens,
+            query_segments.max_seqlen, key_segments.max_seqlen,
+            softmax_scale=scale,
+        )  # fmt: skip
+
+    # Pure PyTorch: one padded [segments, heads, max_len, head_dim] batch, padding keys masked out. Every
+    # query row sees at least one real key, so no row is fully masked.
+    _, key_valid = key_segments.padded_layout()
+    mask = key_valid[:, None, None, :]  # [S, 1, 1, Lk]
+    q, k, v = _pad(query, query_segments), _pad(key, key_segments), _pad(value, key_segments)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    elif backend == "eager":
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    else:
+        raise ValueError(f"Unknown attention backend {backend!r}")
+    return _unpad(out, query_segments)
+
+
+class PackedSelfAttention(nn.Module):
+    """Multi-head self-attention over the frames of a packed sequence. Keys: `{q,k,v,out}_proj` (both towers)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, bias: bool, attention_dropout: float):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
+        if attention_dropout:
+            raise ValueError("attention_dropout > 0 is not supported by the packed attention kernels")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.out_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+
+    def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
+        heads = (hidden_states.shape[0], self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(heads)  # [N, H, Dh]
+        key = self.k_proj(hidden_states).view(heads)
+        value = self.v_proj(hidden_states).view(heads)
+        out = varlen_attention(query, key, value, packed.frames, packed.frames, self.scale, backend)
+        return self.out_proj(out.reshape(hidden_states.shape))  # [N, D]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Position embeddings
+# --------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=512)
+def _resize_map(side: int, height: int, width: int, mode: str, antialias: bool, device: torch.device):
+    """[h*w, side*side] matrix M with `F.interpolate(table, (h, w))` == M @ table for any side x side table.
+
+    Built by resizing the identity basis through `F.interpolate` itself, on the table's device, so it is
+    whatever torch computes there, quirks included: torch's CPU antialiased bilinear kernel, for one, gives
+    every row of a width-1 output the weights of row 0, which a separable re-derivation would not reproduce.
+    Cached per (side, h, w, mode, device): a shape's map is built once and serves every image of that shape.
+    """
+    basis = torch.eye(side * side, dtype=torch.float32, device=device).reshape(side * side, 1, side, side)
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    resized = F.interpolate(basis, size=(height, width), mode=mode, antialias=antialias, **kwargs)
+    return resized.reshape(side * side, height * width).t().contiguous()
+
+
+def resized_position_embedding(
+    table: torch.Tensor,  # [S*S, D] learned table of an S x S grid
+    packed: PackedGrid,
+    mode: str,
+    antialias: bool,
+) -> torch.Tensor:  # [N, D] in table's dtype
+    """`F.interpolate(table as [D, S, S], size=(h, w), mode, antialias)` for every frame, without a per-image call.
+
+    Resizing is linear in the table: each distinct (h, w) of the batch gets its cached map, the maps of all
+    distinct shapes are applied in one matmul, and every token gathers its row. Same numbers as one
+    `F.interpolate` per image up to fp32 rounding, and differentiable in the table.
+    """
+    if packed.num_tokens == 0:
+        return table.new_zeros(0, table.shape[1])
+    side = math.isqrt(table.shape[0])
+    shapes, shape_of_image = torch.unique(packed.grid_thw[:, 1:], dim=0, return_inverse=True)  # [U, 2], [B]
+    maps = torch.cat([_resize_map(side, h, w, mode, antialias, table.device) for h, w in shapes.tolist()])
+    sizes = shapes.prod(1)
+    token_shape = shape_of_image.repeat_interleave(packed.grid_thw.prod(1))  # [N]
+    rows = (torch.cumsum(sizes, 0) - sizes)[token_shape] + packed.token_rows * packed.token_widths + packed.token_cols
+    # fp32 like the reference on CPU; on GPU the reference resizes in the table's dtype, which we beat.
+    resized = maps @ table.float()  # [sum of distinct h*w, D]
+    return resized[rows.to(table.device, non_blocking=True)].to(table.dtype)
+
+
+def sincos_position_embedding(packed: PackedGrid, dim: int, device, dtype, temperature: float = 10000.0):
+    """2-D sin-cos embedding of every token's (row, col), `[sin_w | cos_w | sin_h | cos_h]`, in one gather.
+
+    Computed as AIMv2 computes it (float64, then cast), for the coordinates 0..max_side only: a token's
+    vector is the row of its column followed by the row of its row.
+    """
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
+    max_side = int(max(packed.token_heights.max(), packed.token_widths.max())) if packed.num_tokens else 1
+    angles = torch.arange(max_side, dtype=torch.float64)[:, None] * omega  # [max_side, D/4]
+    per_coordinate = torch.cat([angles.sin(), angles.cos()], dim=1).to(device=device, dtype=dtype)  # [side, D/2]
+    rows = packed.token_rows.to(device, non_blocking=True)
+    cols = packed.token_cols.to(device, non_blocking=True)
+    return torch.cat([per_coordinate[cols], per_coordinate[rows]], dim=1)  # [N, D]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoder loop and model base
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_encoder(layers: nn.ModuleList, hidden_states, packed: PackedGrid, backend: str, output_hidden_states: bool):
+    """Runs the layers in order, all on the same `packed` metadata; collects hidden states if asked."""
+    all_hidden_states = (hidden_states,) if output_hidden_states else None
+    for layer in layers:
+        hidden_states = layer(hidden_states, packed=packed, backend=backend)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+    return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+
+
+class PackedVisionPreTrainedModel(PreTrainedModel):
+    """Base of both towers: attention-backend selection and packed-input handling."""
+
+    main_input_name = "hidden_states"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        # Our backends are our own (varlen kernels on packed tokens), not transformers' per-model attention
+        # interfaces, so we validate the names ourselves, on every transformers version.
+        return check_attn_implementation(attn_implementation)
+
+    def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        requested = getattr(self.config, "_attn_implementation", None)
+        return resolve_attn_implementation(check_attn_implementation(requested), device, dtype)
+
+
+class LastHiddenStateModule(nn.Module):
+    """Seed-compatible wrapper: `Cls(ckpt=..., device=...)`, `forward(hidden_states, grid_thw) -> last_hidden_state`."""
+
+    model_class: type[PreTrainedModel]
+
+    def __init__(self, ckpt: str, device="cpu", dtype: torch.dtype | None = None, **from_pretrained_kwargs):
+        super().__init__()
+        if dtype is not None:
+            from_pretrained_kwargs["dtype"] = dtype
+        self.model = self.model_class.from_pretrained(ckpt, **from_pretrained_kwargs).to(device).eval()
+
+    def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return self.model(hidden_states, grid_thw).last_hidden_state

@@ -1,0 +1,97 @@
+"""Reference side of the tests: transformers' own towers, run frame by frame, on fresh random weights."""
+
+import torch
+from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfig, Siglip2VisionModel
+
+from packed_vit import Aimv2PackingVisionConfig, Siglip2PackingVisionConfig
+
+FP32_REL_TOL = 1e-5  # DESIGN §7, CPU float32, per image
+
+SMALL_SIGLIP2 = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=4)
+SMALL_AIMV2 = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=32
+)
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Moves every parameter off its init (biases and norms included) so no test relies on init values."""
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def siglip2_pair(use_head=True, **overrides):
+    """(reference Siglip2VisionModel, our model) with the same perturbed random weights, fp32, eval."""
+    from packed_vit import Siglip2PackingVisionModel
+
+    fields = {**SMALL_SIGLIP2, "vision_use_head": use_head, **overrides}
+    ref = perturb_(Siglip2VisionModel(Siglip2VisionConfig(**fields, attn_implementation="eager"))).eval()
+    ours = Siglip2PackingVisionModel(Siglip2PackingVisionConfig(**fields)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def aimv2_pair(use_head=True, is_native=True, **overrides):
+    from packed_vit import Aimv2PackingVisionModel
+
+    fields = {**SMALL_AIMV2, "use_head": use_head, "is_native": is_native, **overrides}
+    ref = perturb_(Aimv2VisionModel(Aimv2VisionConfig(**fields, attn_implementation="eager"))).eval()
+    ours = Aimv2PackingVisionModel(Aimv2PackingVisionConfig(**fields)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def random_packed(grids, patch_dim, generator=None, dtype=torch.float32):
+    """Random patches for `grids` [(t, h, w), ...] -> (hidden_states [N, patch_dim], grid_thw [B, 3])."""
+    grid_thw = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
+    total = int(grid_thw.prod(1).sum())
+    return torch.randn(total, patch_dim, generator=generator, dtype=dtype), grid_thw
+
+
+def frames(hidden_states, grid_thw):
+    """Yields (patches [h*w, patch_dim], h, w) for every frame of a packed batch, in order."""
+    start = 0
+    for t, h, w in grid_thw.tolist():
+        for _ in range(t):
+            yield hidden_states[start : start + h * w], h, w
+            start += h * w
+
+
+def patches_to_image(patches: torch.Tensor, h: int, w: int, patch_size: int, channels: int = 3) -> torch.Tensor:
+    """[h*w, p*p*C] (row, col, channel) patches -> [1, C, h*p, w*p] image, for references that take images."""
+    p = patch_size
+    return patches.reshape(h, w, p, p, channels).permute(4, 0, 2, 1, 3).reshape(1, channels, h * p, w * p)
+
+
+def siglip2_reference(ref, hidden_states, grid_thw):
+    """Runs transformers' Siglip2VisionModel on each frame alone: lists of last_hidden_state and pooler_output."""
+    last, pooled = [], []
+    for patches, h, w in frames(hidden_states, grid_thw):
+        out = ref(
+            pixel_values=patches[None],
+            pixel_attention_mask=torch.ones(1, h * w, dtype=torch.long, device=patches.device),
+            spatial_shapes=torch.tensor([[h, w]], device=patches.device),
+        )
+        last.append(out.last_hidden_state[0])
+        pooled.append(None if out.pooler_output is None else out.pooler_output[0])
+    return last, pooled
+
+
+def aimv2_reference(ref, hidden_states, grid_thw):
+    last, pooled = [], []
+    p = ref.config.patch_size
+    for patches, h, w in frames(hidden_states, grid_thw):
+        out = ref(pixel_values=patches_to_image(patches, h, w, p, ref.config.num_channels))
+        last.append(out.last_hidden_state[0])
+        pooled.append(None if out.pooler_output is None else out.pooler_output[0])
+    return last, pooled
+
+
+def split_frames(tensor, grid_thw):
+    """Packed [N, D] -> list of per-frame [h*w, D]."""
+    return list(tensor.split(grid_thw[:, 1:].prod(1).repeat_interleave(grid_thw[:, 0]).tolist()))
