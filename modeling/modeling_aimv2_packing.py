@@ -12,17 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..configuration.configuration_aimv2_packing import Aimv2PackingVisionConfig
 from .packing import (
     LastHiddenStateModule,
+    PackedEncoder,
     PackedGrid,
     PackedSelfAttention,
     PackedVisionPreTrainedModel,
-    pack_inputs,
     resized_position_embedding,
-    run_encoder,
     sincos_position_embedding,
     varlen_attention,
 )
@@ -121,15 +119,6 @@ class Aimv2PackingEncoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.ffn(self.rms_norm2(hidden_states))
 
 
-class Aimv2PackingEncoder(nn.Module):
-    def __init__(self, config: Aimv2PackingVisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList([Aimv2PackingEncoderLayer(config) for _ in range(config.num_hidden_layers)])
-
-    def forward(self, hidden_states, packed: PackedGrid, backend: str, output_hidden_states: bool = False):
-        return run_encoder(self.layers, hidden_states, packed, backend, output_hidden_states)
-
-
 class Aimv2PackingAttentionPoolingHead(nn.Module):
     """A learned cls query per frame attends over that frame's tokens (varlen), then a linear projection."""
 
@@ -176,7 +165,7 @@ class Aimv2PackingVisionModel(Aimv2PackingPreTrainedModel):
     def __init__(self, config: Aimv2PackingVisionConfig):
         super().__init__(config)
         self.embeddings = Aimv2PackingVisionEmbeddings(config)
-        self.encoder = Aimv2PackingEncoder(config)
+        self.encoder = PackedEncoder([Aimv2PackingEncoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.rms_norm = Aimv2PackingRMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.use_head:
             self.head = Aimv2PackingAttentionPoolingHead(config)
@@ -185,31 +174,9 @@ class Aimv2PackingVisionModel(Aimv2PackingPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embed
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor | None = None,
-        grid_thw: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        pixel_values: torch.Tensor | None = None,  # the image processor's name for `hidden_states`
-        **kwargs,
-    ) -> BaseModelOutputWithPooling:
-        patches = hidden_states if hidden_states is not None else pixel_values
-        config = self.config
-        packed = pack_inputs(patches, grid_thw, config.num_channels * config.patch_size**2)
-        backend = self.attention_backend(patches.device, self.embeddings.patch_embed.weight.dtype)
-        if output_hidden_states is None:
-            output_hidden_states = config.output_hidden_states
-
-        embeddings = self.embeddings(patches, packed)
-        encoded = self.encoder(embeddings, packed, backend, output_hidden_states)
-        last_hidden_state = self.rms_norm(encoded.last_hidden_state)
-        pooler_output = self.head(last_hidden_state, packed, backend) if config.use_head else None
-
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=encoded.hidden_states
-        )
-        return output if return_dict is not False else output.to_tuple()
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.rms_norm
 
 
 class AIMv2Packing(LastHiddenStateModule):

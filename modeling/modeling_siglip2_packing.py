@@ -12,17 +12,15 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..configuration.configuration_siglip2_packing import Siglip2PackingVisionConfig
 from .packing import (
     LastHiddenStateModule,
+    PackedEncoder,
     PackedGrid,
     PackedSelfAttention,
     PackedVisionPreTrainedModel,
-    pack_inputs,
     resized_position_embedding,
-    run_encoder,
     varlen_attention,
 )
 
@@ -66,15 +64,6 @@ class Siglip2PackingEncoderLayer(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
         hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), packed, backend)
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
-
-
-class Siglip2PackingEncoder(nn.Module):
-    def __init__(self, config: Siglip2PackingVisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList([Siglip2PackingEncoderLayer(config) for _ in range(config.num_hidden_layers)])
-
-    def forward(self, hidden_states, packed: PackedGrid, backend: str, output_hidden_states: bool = False):
-        return run_encoder(self.layers, hidden_states, packed, backend, output_hidden_states)
 
 
 class Siglip2PackingMultiheadAttentionPoolingHead(nn.Module):
@@ -127,7 +116,7 @@ class Siglip2PackingVisionModel(Siglip2PackingPreTrainedModel):
     def __init__(self, config: Siglip2PackingVisionConfig):
         super().__init__(config)
         self.embeddings = Siglip2PackingVisionEmbeddings(config)
-        self.encoder = Siglip2PackingEncoder(config)
+        self.encoder = PackedEncoder([Siglip2PackingEncoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if config.vision_use_head:
             self.head = Siglip2PackingMultiheadAttentionPoolingHead(config)
@@ -136,31 +125,9 @@ class Siglip2PackingVisionModel(Siglip2PackingPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embedding
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor | None = None,
-        grid_thw: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        pixel_values: torch.Tensor | None = None,  # the image processor's name for `hidden_states`
-        **kwargs,
-    ) -> BaseModelOutputWithPooling:
-        patches = hidden_states if hidden_states is not None else pixel_values
-        config = self.config
-        packed = pack_inputs(patches, grid_thw, config.num_channels * config.patch_size**2)
-        backend = self.attention_backend(patches.device, self.embeddings.patch_embedding.weight.dtype)
-        if output_hidden_states is None:
-            output_hidden_states = config.output_hidden_states
-
-        embeddings = self.embeddings(patches, packed)
-        encoded = self.encoder(embeddings, packed, backend, output_hidden_states)
-        last_hidden_state = self.post_layernorm(encoded.last_hidden_state)
-        pooler_output = self.head(last_hidden_state, packed, backend) if config.vision_use_head else None
-
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=encoded.hidden_states
-        )
-        return output if return_dict is not False else output.to_tuple()
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.post_layernorm
 
 
 class Siglip2NaflexPacking(LastHiddenStateModule):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
 # --------------------------------------------------------------------------------------------------------------
 # Packing metadata
@@ -331,22 +331,32 @@ def sincos_position_embedding(packed: PackedGrid, dim: int, device, dtype, tempe
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Encoder loop and model base
+# Encoder and model base
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_encoder(layers: nn.ModuleList, hidden_states, packed: PackedGrid, backend: str, output_hidden_states: bool):
-    """Runs the layers in order, all on the same `packed` metadata; collects hidden states if asked."""
-    all_hidden_states = (hidden_states,) if output_hidden_states else None
-    for layer in layers:
-        hidden_states = layer(hidden_states, packed=packed, backend=backend)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-    return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+class PackedEncoder(nn.Module):
+    """The stack of encoder layers, all run on the same per-forward `packed` metadata (key prefix `layers.N`)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, hidden_states, packed: PackedGrid, backend: str, output_hidden_states: bool = False):
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, packed=packed, backend=backend)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
 
 
 class PackedVisionPreTrainedModel(PreTrainedModel):
-    """Base of both towers: attention-backend selection and packed-input handling."""
+    """Base of both towers: the packed forward, and attention-backend selection.
+
+    A tower defines `embeddings(patches, packed)`, `encoder` (a `PackedEncoder`), `final_norm` and, when the
+    checkpoint has one, `head(last_hidden_state, packed, backend)`.
+    """
 
     main_input_name = "hidden_states"
     supports_gradient_checkpointing = True
@@ -361,6 +371,34 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
     def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         requested = getattr(self.config, "_attn_implementation", None)
         return resolve_attn_implementation(check_attn_implementation(requested), device, dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor | None = None,  # [N, p*p*C] patches, (row, col, channel) each
+        grid_thw: torch.Tensor | None = None,  # [B, 3] (t, h, w) in patches
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        pixel_values: torch.Tensor | None = None,  # the image processors' name for `hidden_states`
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """-> last_hidden_state [N, D]; pooler_output [num_frames, D] (None without head); hidden_states."""
+        patches = hidden_states if hidden_states is not None else pixel_values
+        config = self.config
+        packed = pack_inputs(patches, grid_thw, config.num_channels * config.patch_size**2)
+        backend = self.attention_backend(patches.device, self.get_input_embeddings().weight.dtype)
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+
+        embeddings = self.embeddings(patches, packed)  # [N, D]
+        encoded = self.encoder(embeddings, packed, backend, output_hidden_states)
+        last_hidden_state = self.final_norm(encoded.last_hidden_state)
+        head = getattr(self, "head", None)
+        pooler_output = head(last_hidden_state, packed, backend) if head is not None else None  # [F, D]
+
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=encoded.hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()
 
 
 class LastHiddenStateModule(nn.Module):

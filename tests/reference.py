@@ -95,3 +95,27 @@ def aimv2_reference(ref, hidden_states, grid_thw):
 def split_frames(tensor, grid_thw):
     """Packed [N, D] -> list of per-frame [h*w, D]."""
     return list(tensor.split(grid_thw[:, 1:].prod(1).repeat_interleave(grid_thw[:, 0]).tolist()))
+
+
+def assert_matches_reference(out, ref_last, ref_pooled, grid_thw, has_head: bool, tol: float = FP32_REL_TOL):
+    """Per frame: our last_hidden_state and pooler_output against the reference's, rel err <= tol."""
+    for i, (a, b) in enumerate(zip(split_frames(out.last_hidden_state, grid_thw), ref_last, strict=True)):
+        assert rel_err(a, b) <= tol, f"frame {i} last_hidden_state rel err {rel_err(a, b):.2e}"
+    if not has_head:
+        assert out.pooler_output is None
+        return
+    assert out.pooler_output.shape[0] == len(ref_pooled)
+    for i, (a, b) in enumerate(zip(out.pooler_output, ref_pooled, strict=True)):
+        assert rel_err(a, b) <= tol, f"frame {i} pooler_output rel err {rel_err(a, b):.2e}"
+
+
+def check_parity(ref, ours, grids, backend="sdpa", tol: float = FP32_REL_TOL):
+    """Fresh random patches for `grids`, our packed forward vs the reference frame by frame."""
+    ours.config._attn_implementation = backend
+    patch_dim = ours.config.num_channels * ours.config.patch_size**2
+    hidden_states, grid_thw = random_packed(grids, patch_dim)
+    run_reference = siglip2_reference if isinstance(ref, Siglip2VisionModel) else aimv2_reference
+    with torch.no_grad():
+        out = ours(hidden_states, grid_thw)
+        ref_last, ref_pooled = run_reference(ref, hidden_states, grid_thw)
+    assert_matches_reference(out, ref_last, ref_pooled, grid_thw, ours.config.use_head, tol)

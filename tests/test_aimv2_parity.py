@@ -4,25 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from packed_vit.modeling.packing import pack_inputs
-from reference import FP32_REL_TOL, aimv2_pair, aimv2_reference, random_packed, rel_err, split_frames
+from reference import FP32_REL_TOL, aimv2_pair, check_parity, random_packed, rel_err
 
 NATIVE_GRIDS = [(1, 1, 1), (1, 1, 17), (1, 13, 1), (1, 5, 7), (1, 12, 9), (2, 4, 6), (1, 2, 30)]
-
-
-def check_parity(ref, ours, grids, backend="sdpa"):
-    ours.config._attn_implementation = backend
-    patch_dim = ours.config.num_channels * ours.config.patch_size**2
-    hidden_states, grid_thw = random_packed(grids, patch_dim)
-    with torch.no_grad():
-        out = ours(hidden_states, grid_thw)
-        ref_last, ref_pooled = aimv2_reference(ref, hidden_states, grid_thw)
-    for i, (a, b) in enumerate(zip(split_frames(out.last_hidden_state, grid_thw), ref_last, strict=True)):
-        assert rel_err(a, b) <= FP32_REL_TOL, f"frame {i} last_hidden_state rel err {rel_err(a, b):.2e}"
-    if ours.config.use_head:
-        for i, (a, b) in enumerate(zip(out.pooler_output, ref_pooled, strict=True)):
-            assert rel_err(a, b) <= FP32_REL_TOL, f"frame {i} pooler_output rel err {rel_err(a, b):.2e}"
-    else:
-        assert out.pooler_output is None
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])

@@ -2,29 +2,10 @@
 
 import pytest
 import torch
-from reference import FP32_REL_TOL, random_packed, rel_err, siglip2_pair, siglip2_reference, split_frames
+from reference import check_parity, random_packed, siglip2_pair
 
 # 1x1, elongated 1xN and Nx1, smaller / equal / larger than the 16x16 table, video (t > 1).
 GRIDS = [(1, 1, 1), (1, 1, 23), (1, 19, 1), (1, 5, 7), (1, 16, 16), (1, 24, 20), (3, 4, 6), (1, 2, 40)]
-
-
-def check_parity(ref, ours, grids, backend="sdpa"):
-    ours.config._attn_implementation = backend
-    patch_dim = ours.config.num_channels * ours.config.patch_size**2
-    hidden_states, grid_thw = random_packed(grids, patch_dim)
-    with torch.no_grad():
-        out = ours(hidden_states, grid_thw)
-        ref_last, ref_pooled = siglip2_reference(ref, hidden_states, grid_thw)
-    ours_last = split_frames(out.last_hidden_state, grid_thw)
-    assert len(ours_last) == len(ref_last)
-    for i, (a, b) in enumerate(zip(ours_last, ref_last)):
-        assert rel_err(a, b) <= FP32_REL_TOL, f"frame {i} last_hidden_state rel err {rel_err(a, b):.2e}"
-    if ours.config.vision_use_head:
-        assert out.pooler_output.shape == (len(ref_pooled), ours.config.hidden_size)
-        for i, (a, b) in enumerate(zip(out.pooler_output, ref_pooled)):
-            assert rel_err(a, b) <= FP32_REL_TOL, f"frame {i} pooler_output rel err {rel_err(a, b):.2e}"
-    else:
-        assert out.pooler_output is None
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
