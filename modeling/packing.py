@@ -24,79 +24,104 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _to(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    # Host -> device without a host sync: the copy is queued, no CUDA call waits for the GPU.
+    return tensor.to(device, non_blocking=True)
+
+
 @dataclass
 class Segments:
-    """Consecutive variable-length segments of a packed sequence, in the form every varlen kernel takes."""
+    """Consecutive variable-length segments of a packed sequence, in the form every varlen kernel takes.
+
+    Sizes come from the host (`lengths`); per-token index tensors are built on the device from per-segment
+    ones, with sizes known on the host, so nothing ever waits for the GPU.
+    """
 
     lengths: torch.Tensor  # [S] int64, host
     device: torch.device
     cu_seqlens: torch.Tensor = field(init=False)  # [S + 1] int32, on `device`
     max_seqlen: int = field(init=False)  # Python int: kernels size their launch grid with it
-    _padded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
+    num_tokens: int = field(init=False)
 
     def __post_init__(self):
         cu_seqlens = torch.zeros(len(self.lengths) + 1, dtype=torch.int32)
         torch.cumsum(self.lengths, 0, out=cu_seqlens[1:])
-        self.cu_seqlens = cu_seqlens.to(self.device, non_blocking=True)
+        self.cu_seqlens = _to(self.device, cu_seqlens)
         self.max_seqlen = int(self.lengths.max()) if len(self.lengths) else 0
+        self.num_tokens = int(self.lengths.sum())
 
     @property
     def num_segments(self) -> int:
         return len(self.lengths)
 
-    def padded_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slot [T], valid [S, max_seqlen]) of the padded `[S, max_seqlen]` batch the pure-PyTorch path uses.
+    @functools.cached_property
+    def token_segment(self) -> torch.Tensor:
+        """[T] int64 on device: the segment of each token."""
+        segments = torch.arange(self.num_segments, device=self.device)
+        return segments.repeat_interleave(_to(self.device, self.lengths), output_size=self.num_tokens)
 
-        Built on first use and kept: all layers of a forward share it.
-        """
-        if self._padded is None:
-            segment = torch.repeat_interleave(torch.arange(self.num_segments), self.lengths)
-            starts = torch.cumsum(self.lengths, 0) - self.lengths
-            slot = segment * self.max_seqlen + torch.arange(len(segment)) - starts[segment]
-            valid = torch.arange(self.max_seqlen)[None, :] < self.lengths[:, None]
-            self._padded = (slot.to(self.device, non_blocking=True), valid.to(self.device, non_blocking=True))
-        return self._padded
+    @functools.cached_property
+    def index_in_segment(self) -> torch.Tensor:
+        """[T] int64 on device: each token's position inside its segment."""
+        starts = self.cu_seqlens[:-1].long()
+        return torch.arange(self.num_tokens, device=self.device) - starts[self.token_segment]
+
+    @functools.cached_property
+    def padded_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot [T], valid [S, max_seqlen]) of the padded `[S, max_seqlen]` batch of the pure-PyTorch path."""
+        slot = self.token_segment * self.max_seqlen + self.index_in_segment
+        valid = torch.arange(self.max_seqlen, device=self.device)[None, :] < _to(self.device, self.lengths)[:, None]
+        return slot, valid
 
 
 @dataclass
 class PackedGrid:
-    """Per-forward packing metadata derived from `grid_thw`, on the host, once."""
+    """Per-forward packing metadata derived from `grid_thw` once and shared by every layer."""
 
     grid_thw: torch.Tensor  # [B, 3] int64, host
+    frame_heights: torch.Tensor  # [F] int64, host
+    frame_widths: torch.Tensor  # [F] int64, host
     frames: Segments  # one attention segment per frame (Qwen2-VL convention)
     frame_queries: Segments  # one query per frame: the attention-pooling heads
-    token_rows: torch.Tensor  # [N] int64, host: row of each token inside its frame
-    token_cols: torch.Tensor  # [N] int64, host
-    token_heights: torch.Tensor  # [N] int64, host: h of each token's frame
-    token_widths: torch.Tensor  # [N] int64, host
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_rows)
-
-    @property
-    def num_frames(self) -> int:
-        return self.frames.num_segments
 
     @classmethod
     def from_grid_thw(cls, grid_thw: torch.Tensor, device: torch.device) -> "PackedGrid":
         t, h, w = grid_thw.unbind(1)
         frame_heights, frame_widths = h.repeat_interleave(t), w.repeat_interleave(t)  # [F]
         frame_lengths = frame_heights * frame_widths
-        num_tokens = int(frame_lengths.sum())
-        token_frame = torch.repeat_interleave(torch.arange(len(frame_lengths)), frame_lengths)  # [N]
-        frame_starts = torch.cumsum(frame_lengths, 0) - frame_lengths
-        index_in_frame = torch.arange(num_tokens) - frame_starts[token_frame]
-        token_widths = frame_widths[token_frame]
         return cls(
             grid_thw=grid_thw,
+            frame_heights=frame_heights,
+            frame_widths=frame_widths,
             frames=Segments(frame_lengths, device),
             frame_queries=Segments(torch.ones_like(frame_lengths), device),
-            token_rows=index_in_frame // token_widths,
-            token_cols=index_in_frame % token_widths,
-            token_heights=frame_heights[token_frame],
-            token_widths=token_widths,
         )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frames.num_tokens
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.num_segments
+
+    @property
+    def device(self) -> torch.device:
+        return self.frames.device
+
+    def per_token(self, per_frame: torch.Tensor) -> torch.Tensor:
+        """[F] host values -> [N] on device: each token gets its frame's value."""
+        return _to(self.device, per_frame)[self.frames.token_segment]
+
+    @functools.cached_property
+    def token_rows(self) -> torch.Tensor:
+        """[N] int64 on device: row of each token inside its frame."""
+        return self.frames.index_in_segment // self.per_token(self.frame_widths)
+
+    @functools.cached_property
+    def token_cols(self) -> torch.Tensor:
+        """[N] int64 on device: column of each token inside its frame."""
+        return self.frames.index_in_segment % self.per_token(self.frame_widths)
 
 
 def pack_inputs(hidden_states: torch.Tensor, grid_thw, patch_dim: int) -> PackedGrid:
@@ -185,14 +210,14 @@ def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dt
 
 def _pad(x: torch.Tensor, segments: Segments) -> torch.Tensor:
     """[T, H, D] packed -> [S, H, L, D] padded with zeros (differentiable)."""
-    slot, _ = segments.padded_layout()
+    slot, _ = segments.padded_layout
     padded = x.new_zeros(segments.num_segments * segments.max_seqlen, *x.shape[1:]).index_copy(0, slot, x)
     return padded.view(segments.num_segments, segments.max_seqlen, *x.shape[1:]).transpose(1, 2)
 
 
 def _unpad(x: torch.Tensor, segments: Segments) -> torch.Tensor:
     """[S, H, L, D] padded -> [T, H, D] packed."""
-    slot, _ = segments.padded_layout()
+    slot, _ = segments.padded_layout
     return x.transpose(1, 2).flatten(0, 1)[slot]
 
 
@@ -229,7 +254,7 @@ def varlen_attention(
 
     # Pure PyTorch: one padded [segments, heads, max_len, head_dim] batch, padding keys masked out. Every
     # query row sees at least one real key, so no row is fully masked.
-    _, key_valid = key_segments.padded_layout()
+    _, key_valid = key_segments.padded_layout
     mask = key_valid[:, None, None, :]  # [S, 1, 1, Lk]
     q, k, v = _pad(query, query_segments), _pad(key, key_segments), _pad(value, key_segments)
     if backend == "sdpa":
@@ -304,14 +329,15 @@ def resized_position_embedding(
     if packed.num_tokens == 0:
         return table.new_zeros(0, table.shape[1])
     side = math.isqrt(table.shape[0])
-    shapes, shape_of_image = torch.unique(packed.grid_thw[:, 1:], dim=0, return_inverse=True)  # [U, 2], [B]
+    frame_shapes = torch.stack([packed.frame_heights, packed.frame_widths], 1)  # [F, 2]
+    shapes, shape_of_frame = torch.unique(frame_shapes, dim=0, return_inverse=True)  # [U, 2], [F]
     maps = torch.cat([_resize_map(side, h, w, mode, antialias, table.device) for h, w in shapes.tolist()])
     sizes = shapes.prod(1)
-    token_shape = shape_of_image.repeat_interleave(packed.grid_thw.prod(1))  # [N]
-    rows = (torch.cumsum(sizes, 0) - sizes)[token_shape] + packed.token_rows * packed.token_widths + packed.token_cols
+    first_row_of_frame = (torch.cumsum(sizes, 0) - sizes)[shape_of_frame]  # [F]: where its shape's map starts
+    rows = packed.per_token(first_row_of_frame) + packed.frames.index_in_segment  # [N]
     # fp32 like the reference on CPU; on GPU the reference resizes in the table's dtype, which we beat.
     resized = maps @ table.float()  # [sum of distinct h*w, D]
-    return resized[rows.to(table.device, non_blocking=True)].to(table.dtype)
+    return resized[rows].to(table.dtype)
 
 
 def sincos_position_embedding(packed: PackedGrid, dim: int, device, dtype, temperature: float = 10000.0):
@@ -322,12 +348,10 @@ def sincos_position_embedding(packed: PackedGrid, dim: int, device, dtype, tempe
     """
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
-    max_side = int(max(packed.token_heights.max(), packed.token_widths.max())) if packed.num_tokens else 1
+    max_side = int(max(packed.frame_heights.max(), packed.frame_widths.max())) if packed.num_frames else 1
     angles = torch.arange(max_side, dtype=torch.float64)[:, None] * omega  # [max_side, D/4]
-    per_coordinate = torch.cat([angles.sin(), angles.cos()], dim=1).to(device=device, dtype=dtype)  # [side, D/2]
-    rows = packed.token_rows.to(device, non_blocking=True)
-    cols = packed.token_cols.to(device, non_blocking=True)
-    return torch.cat([per_coordinate[cols], per_coordinate[rows]], dim=1)  # [N, D]
+    per_coordinate = _to(device, torch.cat([angles.sin(), angles.cos()], dim=1).to(dtype))  # [max_side, D/2]
+    return torch.cat([per_coordinate[packed.token_cols], per_coordinate[packed.token_rows]], dim=1)  # [N, D]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""GPU checks (skipped without CUDA): bf16 parity at real model sizes per backend, and no host sync (DESIGN §3, §7).
+
+bf16 policy (DESIGN §7): against a float32 reference, our bf16 error is no larger than the reference model's own
+bf16 error on the same input (ratio <= 1.1), and every frame's cosine similarity to it is >= 0.999.
+"""
+
+import pytest
+import torch
+from reference import aimv2_reference, perturb_, random_packed, siglip2_reference, split_frames
+from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfig, Siglip2VisionModel
+
+from packed_vit import (
+    Aimv2PackingVisionConfig,
+    Aimv2PackingVisionModel,
+    Siglip2PackingVisionConfig,
+    Siglip2PackingVisionModel,
+)
+from packed_vit.modeling.packing import ATTENTION_BACKENDS, check_attn_implementation
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BF16_ERROR_RATIO = 1.1
+MIN_COSINE = 0.999
+SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=16)
+AIMV2_LARGE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=8, patch_size=14)
+# 1x1, elongated, smaller and larger than the 16x16 table, video
+SIGLIP2_GRIDS = [(1, 1, 1), (1, 1, 40), (1, 33, 1), (1, 7, 9), (1, 16, 16), (1, 32, 24), (3, 12, 10), (1, 48, 20)]
+AIMV2_NATIVE_GRIDS = [(1, 1, 1), (1, 1, 30), (1, 27, 1), (1, 9, 13), (2, 16, 16), (1, 40, 24)]
+
+
+def available_backends():
+    names = []
+    for name in ATTENTION_BACKENDS:
+        try:
+            check_attn_implementation(name)
+            names.append(name)
+        except ValueError:
+            pass
+    return names
+
+
+def norm_err(frames, ref_frames):
+    """Relative error over all frames together: ||a - b|| / ||b||."""
+    num = sum((a.double() - b.double()).norm() ** 2 for a, b in zip(frames, ref_frames, strict=True))
+    den = sum(b.double().norm() ** 2 for b in ref_frames)
+    return (num / den).sqrt().item()
+
+
+def check_bf16(ref_cls, ref_config, ours, grids, run_reference, backend):
+    """Our bf16 forward vs the fp32 reference; the reference's own bf16 run sets the error budget."""
+    ref32 = perturb_(ref_cls(ref_config), 0.01).cuda().eval()
+    ours.load_state_dict(ref32.state_dict(), strict=True)
+    ours.to("cuda", torch.bfloat16).eval()
+    ours.config._attn_implementation = backend
+    patch_dim = ours.config.num_channels * ours.config.patch_size**2
+    hidden_states, grid_thw = random_packed(grids, patch_dim)
+    hidden_states = hidden_states.cuda()
+    with torch.no_grad():
+        last32, pooled32 = run_reference(ref32, hidden_states, grid_thw)
+        ref16 = ref32.to(torch.bfloat16)
+        last16, pooled16 = run_reference(ref16, hidden_states.bfloat16(), grid_thw)
+        out = ours(hidden_states.bfloat16(), grid_thw)
+    ours_last = split_frames(out.last_hidden_state, grid_thw)
+    pairs = [("last_hidden_state", ours_last, last16, last32)]
+    if ours.config.use_head:
+        pairs.append(("pooler_output", list(out.pooler_output), pooled16, pooled32))
+    for name, got, ref_bf16, ref_fp32 in pairs:
+        ours_err, ref_err = norm_err(got, ref_fp32), norm_err(ref_bf16, ref_fp32)
+        print(f"{backend} {name}: ours bf16 err {ours_err:.3e}, reference bf16 err {ref_err:.3e}")
+        assert ours_err <= BF16_ERROR_RATIO * ref_err, f"{name}: {ours_err:.3e} > 1.1 x {ref_err:.3e}"
+        for i, (a, b) in enumerate(zip(got, ref_fp32)):
+            cos = torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+            assert cos >= MIN_COSINE, f"{name} frame {i}: cosine {cos:.5f}"
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_siglip2_so400m_bf16(backend):
+    config = dict(SO400M, vision_use_head=True)
+    ours = Siglip2PackingVisionModel(Siglip2PackingVisionConfig(**config))
+    ref_config = Siglip2VisionConfig(**config, attn_implementation="sdpa")
+    check_bf16(Siglip2VisionModel, ref_config, ours, SIGLIP2_GRIDS, siglip2_reference, backend)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_aimv2_large_native_bf16(backend):
+    config = dict(AIMV2_LARGE, is_native=True, use_head=True)
+    ours = Aimv2PackingVisionModel(Aimv2PackingVisionConfig(**config))
+    ref_config = Aimv2VisionConfig(**config, attn_implementation="sdpa")
+    check_bf16(Aimv2VisionModel, ref_config, ours, AIMV2_NATIVE_GRIDS, aimv2_reference, backend)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_aimv2_large_224_bf16(backend):
+    config = dict(AIMV2_LARGE, image_size=224, is_native=False, use_head=True)
+    ours = Aimv2PackingVisionModel(Aimv2PackingVisionConfig(**config))
+    ref_config = Aimv2VisionConfig(**config, attn_implementation="sdpa")
+    check_bf16(Aimv2VisionModel, ref_config, ours, [(1, 16, 16)] * 6 + [(2, 16, 16)], aimv2_reference, backend)
+
+
+def test_default_backend_on_cuda_bf16_is_varlen():
+    model = Siglip2PackingVisionModel(Siglip2PackingVisionConfig(num_hidden_layers=1)).cuda().bfloat16()
+    expected = "varlen_attn" if "varlen_attn" in available_backends() else "sdpa"
+    assert model.attention_backend(torch.device("cuda"), torch.bfloat16) == expected
+
+
+@pytest.mark.parametrize("tower", ["siglip2", "aimv2"])
+def test_forward_with_cpu_grid_does_not_sync(tower):
+    if tower == "siglip2":
+        model = Siglip2PackingVisionModel(Siglip2PackingVisionConfig(num_hidden_layers=2))
+    else:
+        model = Aimv2PackingVisionModel(Aimv2PackingVisionConfig(num_hidden_layers=2, is_native=True))
+    model = model.cuda().bfloat16().eval()
+    patch_dim = model.config.num_channels * model.config.patch_size**2
+    hidden_states, grid_thw = random_packed([(1, 5, 7), (2, 16, 16), (1, 1, 30)], patch_dim)
+    hidden_states = hidden_states.cuda().bfloat16()
+    other, other_grid = random_packed([(1, 9, 4), (1, 3, 3)], patch_dim)
+    other = other.cuda().bfloat16()
+    with torch.no_grad():
+        model(hidden_states, grid_thw)  # warm the per-shape caches
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = model(hidden_states, grid_thw)
+            model(other, other_grid)  # new shapes: maps built on the GPU, still no sync
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.last_hidden_state.float()).all()
+
+
+def test_grid_on_gpu_matches_grid_on_cpu():
+    model = Siglip2PackingVisionModel(Siglip2PackingVisionConfig(num_hidden_layers=2)).cuda().bfloat16().eval()
+    hidden_states, grid_thw = random_packed([(1, 5, 7), (1, 16, 16)], 768)
+    hidden_states = hidden_states.cuda().bfloat16()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(hidden_states, grid_thw.cuda()).last_hidden_state, model(hidden_states, grid_thw).last_hidden_state
+        )
