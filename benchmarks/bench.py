@@ -1,0 +1,930 @@
+"""Packed towers vs transformers' reference, run as a user would without this project (DESIGN §8).
+
+Side by side in one process, random bf16 data, random-init weights (no checkpoint), models in bf16 and eval mode:
+
+| id | ours (packed, one forward)                                        | reference (transformers, sdpa)         |
+|----|-------------------------------------------------------------------|----------------------------------------|
+| W1 | Siglip2 so400m/16, 64 images, h,w in [8,64], h*w <= 1024           | Siglip2VisionModel padded to 1024      |
+| W2 | Siglip2 so400m/16, 256 images, h,w in [4,32], h*w <= 256           | Siglip2VisionModel padded to 256       |
+| W3 | AIMv2 large/14 224 (learned positions), 256 images of 16x16        | Aimv2VisionModel on [256,3,224,224]    |
+| W4 | AIMv2 large/14 native (sin-cos, no head), 64 images, h,w in [8,48] | Aimv2VisionModel, one call per image   |
+| W5 | W1 forward + backward (loss: real tokens' outputs x random weights)| W1's reference, forward + backward     |
+
+Also: a bf16 8192^3 matmul (the ceiling "% of ceiling" divides by), a token-scaling sweep (Siglip2 so400m,
+images of 16x16..32x32 patches, 1k -> 256k tokens, reference padded to 1024, skipped where it runs out of memory),
+peak memory of both sides, and whether our forward with a CPU `grid_thw` syncs the host
+(`torch.cuda.set_sync_debug_mode("error")` around one forward of every forward workload).
+
+Outputs, in --out-dir (default: benchmarks/): results.json, RESULTS.md (everything above a hand-written
+"## Notes" section is regenerated, the section itself is kept) and scaling.png (needs matplotlib; skipped with
+a message without it). The last thing printed is a short table.
+
+GPU (a few minutes on an H100; full output and files land in benchmarks/):
+    python benchmarks/bench.py
+    python benchmarks/bench.py --workloads W1,W5 --backend varlen_attn --repeats 20 --compile
+CPU smoke run (tiny configs, a few tokens, every step including the files; the numbers mean nothing):
+    python benchmarks/bench.py --smoke --out-dir /tmp/bench_smoke
+
+Method: CUDA events around each call after warm-up, median of --repeats calls (at most 5 for W4's per-image
+loop, which is slow); on the CPU the host clock. Peak memory of a side is what it would need alone: its weights
+and inputs plus the most one call allocates on top of what is resident (`max_memory_allocated()` after
+`reset_peak_memory_stats()`, minus `memory_allocated()` before), so the other side's model, resident in the same
+process, does not count. The reference gets its friendliest inputs: `spatial_shapes` on the CPU (it reads them
+image by image). Useful FLOPs count the real tokens' work only (`useful_flops`), the same number for both sides.
+
+The package need not be installed: without it, `packed_vit` is imported from this checkout (setup.py's mapping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import importlib.util
+import json
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfig, Siglip2VisionModel
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+def import_packed_vit():
+    """The installed `packed_vit`, or, where it is not installed, the one of this checkout, mapped as setup.py does."""
+    try:
+        import packed_vit
+    except ImportError:
+        # `packed_vit.modeling` etc. live at the checkout's top level: searching ROOT for submodules finds them.
+        spec = importlib.util.spec_from_file_location(
+            "packed_vit",
+            ROOT / "src" / "packed_vit" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "src" / "packed_vit"), str(ROOT)],
+        )
+        packed_vit = importlib.util.module_from_spec(spec)
+        sys.modules["packed_vit"] = packed_vit
+        spec.loader.exec_module(packed_vit)
+    return packed_vit
+
+
+packed_vit = import_packed_vit()
+
+# --------------------------------------------------------------------------------------------------------------
+# What is measured: towers, workloads, the sweep
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tower:
+    name: str
+    family: str  # "siglip2" | "aimv2": which reference and packed classes
+    fields: dict  # config fields, the same for the reference's config and ours
+    smoke_fields: dict  # tiny config of the same family for --smoke
+
+    def label(self, smoke: bool) -> str:
+        return f"{self.name} (tiny smoke config)" if smoke else self.name
+
+
+TOWERS = {
+    "siglip2_so400m": Tower(
+        "Siglip2 so400m/16",
+        "siglip2",
+        dict(
+            hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+            num_patches=256, patch_size=16, vision_use_head=True,
+        ),
+        # a 4x4 position table: smoke images are smaller and larger than it, like the real ones are around 16x16
+        dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_patches=16, patch_size=16, vision_use_head=True,
+        ),
+    ),
+    "aimv2_large_224": Tower(
+        "AIMv2 large/14 224",
+        "aimv2",
+        dict(
+            hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=8,
+            image_size=224, patch_size=14, use_head=True, is_native=False,
+        ),
+        dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            image_size=56, patch_size=14, use_head=True, is_native=False,
+        ),
+    ),
+    "aimv2_large_native": Tower(
+        "AIMv2 large/14 native",
+        "aimv2",
+        dict(
+            hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=8,
+            image_size=224, patch_size=14, use_head=False, is_native=True,
+        ),
+        dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            image_size=56, patch_size=14, use_head=False, is_native=True,
+        ),
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Workload:
+    id: str
+    tower: str  # key of TOWERS
+    images: int
+    sides: tuple[int, int]  # h and w drawn uniformly in [lo, hi] patches
+    max_patches: int | None  # h*w <= this (drawn again until it holds); the padded length of a "padded" reference
+    reference: str  # "padded" (one padded batch) | "batched" (one batch of same-size images) | "per_image" (a loop)
+    goals: tuple[tuple[str, str, float], ...]  # (result key, ">=" or "<=", threshold)
+    backward: bool = False
+    smoke: tuple = ()  # (images, sides, max_patches) for --smoke
+
+    def for_smoke(self) -> "Workload":
+        images, sides, max_patches = self.smoke
+        return dataclasses.replace(self, images=images, sides=sides, max_patches=max_patches)
+
+    def description(self, smoke: bool = False) -> str:
+        lo, hi = self.sides
+        shape = f"{lo}x{lo} patches" if lo == hi else f"h,w in [{lo},{hi}]"
+        bound = f", h*w <= {self.max_patches}" if self.max_patches and lo != hi else ""
+        step = ", forward+backward" if self.backward else ""
+        return f"{TOWERS[self.tower].label(smoke)}: {self.images} images, {shape}{bound}{step}"
+
+    def reference_description(self) -> str:
+        family = TOWERS[self.tower].family
+        cls = "Siglip2VisionModel" if family == "siglip2" else "Aimv2VisionModel"
+        how = {
+            "padded": f"padded to {self.max_patches} patches with pixel_attention_mask",
+            "batched": "one batch of same-size images",
+            "per_image": "one call per image",
+        }[self.reference]
+        return f"{cls} (sdpa), {how}"
+
+
+SPEEDUP, CEILING, MEM_RATIO = "speedup_vs_reference", "pct_of_matmul_ceiling", "peak_mem_ratio_vs_reference"
+W1 = Workload(
+    "W1", "siglip2_so400m", 64, (8, 64), 1024, "padded",
+    goals=((SPEEDUP, ">=", 3.0), (CEILING, ">=", 65.0), (MEM_RATIO, "<=", 0.7)),
+    smoke=(3, (2, 8), 32),
+)  # fmt: skip
+WORKLOADS = {
+    "W1": W1,
+    "W2": Workload(
+        "W2", "siglip2_so400m", 256, (4, 32), 256, "padded", goals=((SPEEDUP, ">=", 3.0),), smoke=(5, (1, 4), 9)
+    ),
+    "W3": Workload(
+        "W3", "aimv2_large_224", 256, (16, 16), 256, "batched", goals=((SPEEDUP, ">=", 1.8),), smoke=(3, (4, 4), 16)
+    ),
+    "W4": Workload(
+        "W4", "aimv2_large_native", 64, (8, 48), None, "per_image", goals=((SPEEDUP, ">=", 15.0),),
+        smoke=(3, (2, 6), None),
+    ),
+    "W5": dataclasses.replace(W1, id="W5", backward=True, goals=((SPEEDUP, ">=", 2.5), (MEM_RATIO, "<=", 0.55))),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sweep:
+    tower: str
+    sides: tuple[int, int]
+    max_patches: int  # the reference's padded length
+    tokens: tuple[int, ...]  # total real tokens of each point (images are drawn until the total reaches it)
+
+
+SWEEP = Sweep("siglip2_so400m", (16, 32), 1024, (1024, 4096, 16384, 65536, 262144))
+SMOKE_SWEEP = Sweep("siglip2_so400m", (2, 4), 16, (64, 256))
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    repeats: int
+    warmup: int
+    backend: str  # our attn_implementation
+    compile: bool
+    smoke: bool
+    matmul_size: int
+
+
+PER_IMAGE_REPEATS = 5  # cap on the timed calls of W4's per-image reference loop, the slow one
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Useful FLOPs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def useful_flops(config: dict, family: str, image_tokens: list[int], backward: bool = False) -> float:
+    """Floating-point operations of the real tokens' work (no padding) in one forward, or forward+backward.
+
+    With N = sum(L_i) real tokens (L_i of image i), D hidden, I intermediate, P = patch_size^2 * channels:
+    - encoder, per layer: 2*N*(4*D^2 + m*D*I) for the q, k, v, out projections and the MLP (m = 2: fc1, fc2;
+      m = 3 for AIMv2's SwiGLU: gate, up, down), plus 4*D*sum(L_i^2) for attention (Q K^T and P V);
+    - patch embedding: 2*N*P*D;
+    - head, one query per image: key and value projections 2*N*2*D^2 and attention 4*D*N; then per image the
+      output projection 2*D^2 (and Siglip2's MLP 2*2*D*I); Siglip2's learned probe is projected once: 2*D^2.
+    Norms, activations, softmax, residual adds and position embeddings (our resize of the learned table is a small
+    matmul; the reference's is an interpolation) are not counted. Backward costs 2x forward: fwd+bwd = 3x fwd.
+    """
+    d, i = config["hidden_size"], config["intermediate_size"]
+    n, images = sum(image_tokens), len(image_tokens)
+    mlp_matrices = 2 if family == "siglip2" else 3
+    per_layer = 2 * n * (4 * d * d + mlp_matrices * d * i) + 4 * d * sum(length**2 for length in image_tokens)
+    patch_embedding = 2 * n * (config["patch_size"] ** 2 * config.get("num_channels", 3)) * d
+    flops = config["num_hidden_layers"] * per_layer + patch_embedding
+    if config.get("vision_use_head", config.get("use_head")):
+        flops += 2 * n * 2 * d * d + 4 * d * n + images * 2 * d * d
+        if family == "siglip2":
+            flops += 2 * d * d + images * 2 * 2 * d * i
+    return 3.0 * flops if backward else float(flops)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data: packed for ours, as the reference takes it
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sample_grids(count: int, sides: tuple[int, int], max_patches: int | None, generator) -> list[tuple[int, int, int]]:
+    """`count` grids (1, h, w), h and w uniform in [lo, hi], each drawn again until h*w <= max_patches."""
+    grids = []
+    while len(grids) < count:
+        h, w = torch.randint(sides[0], sides[1] + 1, (2,), generator=generator).tolist()
+        if max_patches is None or h * w <= max_patches:
+            grids.append((1, h, w))
+    return grids
+
+
+def grids_for_tokens(total: int, sides: tuple[int, int], max_patches: int, generator) -> list[tuple[int, int, int]]:
+    """Grids drawn one by one until their tokens reach `total` (the last image may overshoot it)."""
+    grids, tokens = [], 0
+    while tokens < total:
+        (grid,) = sample_grids(1, sides, max_patches, generator)
+        grids.append(grid)
+        tokens += grid[1] * grid[2]
+    return grids
+
+
+@dataclass
+class Batch:
+    """One workload's images: packed for ours, and as the reference's calls take them."""
+
+    grid_thw: torch.Tensor  # [B, 3] int64, CPU (our forward's host-side metadata comes from here, no sync)
+    patches: torch.Tensor  # [N, P] on the device
+    reference_calls: list[dict]  # keyword arguments of each reference call (one batch, or one call per image)
+    reference_token_index: list[torch.Tensor | None]  # real tokens of each call's flattened [b*L] output; None: all
+    reference_tokens: int  # tokens the reference computes, padding included
+    # random weights of the loss of backward workloads: sum(last_hidden_state * w) + sum(pooler_output * w_pool)
+    loss_weights: torch.Tensor | None  # [N, D]
+    pooled_loss_weights: torch.Tensor | None  # [B, D]
+
+    @property
+    def image_tokens(self) -> list[int]:
+        return self.grid_thw[:, 1:].prod(1).tolist()
+
+    def reference_real_tokens(self, outputs) -> torch.Tensor:
+        """The reference's last_hidden_state of the real tokens, packed like ours: [N, D]."""
+        tokens = [out.last_hidden_state.flatten(0, 1) for out in outputs]
+        indices = self.reference_token_index
+        return torch.cat([t if index is None else t.index_select(0, index) for t, index in zip(tokens, indices)])
+
+    def loss(self, last_hidden_state: torch.Tensor, pooler_output: torch.Tensor | None) -> torch.Tensor:
+        """The same scalar for both sides: only real tokens count."""
+        loss = (last_hidden_state * self.loss_weights).sum()
+        return loss if pooler_output is None else loss + (pooler_output * self.pooled_loss_weights).sum()
+
+    def input_bytes(self, side: str) -> int:
+        """Device bytes of one side's inputs, the loss weights included."""
+        tensors = [self.patches] if side == "ours" else [v for call in self.reference_calls for v in call.values()]
+        tensors += [t for t in (self.loss_weights, self.pooled_loss_weights) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "cpu")
+
+
+def make_batch(grids, tower_config: dict, reference: str, max_patches, device, generator, backward=False) -> Batch:
+    """Random bf16 patches of `grids` (not zeros: zeros run faster than real data), in both forms."""
+    grid_thw = torch.tensor(grids, dtype=torch.int64)
+    p, channels, dim = tower_config["patch_size"], tower_config.get("num_channels", 3), tower_config["hidden_size"]
+    lengths = grid_thw[:, 1:].prod(1)
+    total = int(lengths.sum())
+    patches = torch.randn(total, p * p * channels, generator=generator).to(device, torch.bfloat16)
+
+    def loss_weights(rows: int):
+        return torch.randn(rows, dim, generator=generator).to(device, torch.bfloat16) if backward else None
+
+    batch = Batch(
+        grid_thw=grid_thw,
+        patches=patches,
+        reference_calls=[],
+        reference_token_index=[],
+        reference_tokens=total,
+        loss_weights=loss_weights(total),
+        pooled_loss_weights=loss_weights(len(grids)),
+    )
+    if reference == "padded":  # Siglip2: [B, max_patches, P] padded patches, as Siglip2ImageProcessor makes them
+        valid = torch.arange(max_patches)[None, :] < lengths[:, None]  # [B, max_patches]
+        real = valid.flatten().nonzero().squeeze(1).to(device)
+        pixel_values = patches.new_zeros(len(grids) * max_patches, patches.shape[1]).index_copy_(0, real, patches)
+        batch.reference_calls = [
+            dict(
+                pixel_values=pixel_values.view(len(grids), max_patches, -1),
+                pixel_attention_mask=valid.long().to(device),
+                spatial_shapes=grid_thw[:, 1:].clone(),  # CPU: the reference reads it image by image
+            )
+        ]
+        batch.reference_token_index = [real]
+        batch.reference_tokens = len(grids) * max_patches
+    else:  # AIMv2 takes images: the patches put back in place, (row, col, channel) -> [C, h*p, w*p]
+        images = [
+            image.view(1, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4).reshape(1, channels, h * p, w * p)
+            for image, (_, h, w) in zip(patches.split(lengths.tolist()), grids)
+        ]
+        if reference == "batched":
+            batch.reference_calls = [dict(pixel_values=torch.cat(images))]
+        else:
+            batch.reference_calls = [dict(pixel_values=image) for image in images]
+        batch.reference_token_index = [None] * len(batch.reference_calls)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    tower: Tower
+    config: dict
+    reference: torch.nn.Module
+    ours: torch.nn.Module  # what is timed: compiled with --compile
+    ours_eager: torch.nn.Module  # the module itself (the host-sync check runs it uncompiled)
+    backend: str  # the attention backend our forward resolves to
+
+    def parameter_bytes(self, side: str) -> int:
+        model = self.ours_eager if side == "ours" else self.reference
+        return sum(t.numel() * t.element_size() for t in model.parameters())
+
+
+def build_pair(tower: Tower, settings: Settings) -> Pair:
+    """The reference (random init, sdpa) and ours with the reference's weights, both bf16, eval, on the device."""
+    fields = tower.smoke_fields if settings.smoke else tower.fields
+    if tower.family == "siglip2":
+        ref_config, ref_cls = Siglip2VisionConfig, Siglip2VisionModel
+        our_config, our_cls = packed_vit.Siglip2PackingVisionConfig, packed_vit.Siglip2PackingVisionModel
+    else:
+        ref_config, ref_cls = Aimv2VisionConfig, Aimv2VisionModel
+        our_config, our_cls = packed_vit.Aimv2PackingVisionConfig, packed_vit.Aimv2PackingVisionModel
+    with settings.device:  # initialized in place: so400m's fp32 init on the host would take a while
+        reference = ref_cls(ref_config(**fields, attn_implementation="sdpa")).to(torch.bfloat16).eval()
+        ours = our_cls(our_config(**fields, attn_implementation=settings.backend)).to(torch.bfloat16).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    backend = ours.attention_backend(settings.device, torch.bfloat16)
+    timed = torch.compile(ours) if settings.compile else ours
+    return Pair(tower, fields, reference, timed, ours, backend)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------------------
+
+
+def time_ms(run: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Milliseconds of `repeats` calls after `warmup` calls: CUDA events on the GPU, the host clock on the CPU."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return times
+
+
+def peak_memory_gib(run: Callable[[], object], resident_bytes: int, device: torch.device) -> float | None:
+    """GiB one side needs alone: `resident_bytes` (its weights and inputs) + the most one call allocates on top."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before + resident_bytes) / GIB
+
+
+def unless_out_of_memory(measure: Callable[[], object]):
+    """`measure()`, or None when the GPU runs out of memory, with that memory given back."""
+    try:
+        return measure()
+    except torch.cuda.OutOfMemoryError:
+        pass  # leaving the except block drops the traceback, and with it the frames holding the tensors
+    gc.collect()
+    torch.cuda.empty_cache()
+    return None
+
+
+def measure_side(run, repeats: int, resident_bytes: int, settings: Settings) -> dict:
+    times = time_ms(run, repeats, settings.warmup, settings.device)
+    return dict(
+        ms=statistics.median(times),
+        times_ms=[round(t, 4) for t in times],
+        peak_gib=peak_memory_gib(run, resident_bytes, settings.device),
+    )
+
+
+def matmul_tflops(settings: Settings) -> float:
+    """Median TFLOP/s of a bf16 n^3 torch.matmul on random data (the ceiling our useful TFLOP/s are compared with).
+
+    20 warm-up products first: an idle GPU's clocks take a moment to rise.
+    """
+    n = settings.matmul_size
+    a = torch.randn(n, n, device=settings.device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=settings.device, dtype=torch.bfloat16)
+    times = time_ms(lambda: torch.matmul(a, b), max(settings.repeats, 20), 20, settings.device)
+    return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+def host_sync_check(run: Callable[[], object], device: torch.device) -> tuple[bool | None, str]:
+    """(passed, detail): one call of `run` under `torch.cuda.set_sync_debug_mode("error")`, which raises on any
+    synchronizing CUDA call (a `.item()`, a blocking copy, ...). None on the CPU, where there is nothing to check."""
+    if device.type != "cuda":
+        return None, "not checked: no CUDA device"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    except RuntimeError as error:
+        if "synchroniz" not in str(error):  # a failure of another kind is a bug to see, not a sync
+            raise
+        return False, str(error).strip().splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return True, "no synchronizing CUDA call"
+
+
+def min_image_cosine(ours_tokens: torch.Tensor, reference_tokens: torch.Tensor, image_tokens: list[int]) -> float:
+    """Lowest per-image cosine of ours vs the reference: proof that both sides computed the same images."""
+    pairs = zip(ours_tokens.float().split(image_tokens), reference_tokens.float().split(image_tokens))
+    return min(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() for a, b in pairs)
+
+
+def side_runs(pair: Pair, batch: Batch, backward: bool):
+    """(ours, reference) callables for one timed call: a no-grad forward, or forward + loss + backward."""
+
+    def ours_forward():
+        return pair.ours(batch.patches, batch.grid_thw)
+
+    def reference_forward():
+        return [pair.reference(**call) for call in batch.reference_calls]
+
+    if not backward:
+        return torch.no_grad()(ours_forward), torch.no_grad()(reference_forward)
+
+    # Each step ends with its grads dropped, as optimizer.zero_grad(set_to_none=True) would after the update: the
+    # next step allocates them afresh, and peak_memory_gib counts them (they are not resident before the call).
+    def ours_step():
+        out = ours_forward()
+        batch.loss(out.last_hidden_state, out.pooler_output).backward()
+        pair.ours.zero_grad(set_to_none=True)
+
+    def reference_step():
+        outs = reference_forward()
+        pooled = None if outs[0].pooler_output is None else torch.cat([out.pooler_output for out in outs])
+        batch.loss(batch.reference_real_tokens(outs), pooled).backward()
+        pair.reference.zero_grad(set_to_none=True)
+
+    return ours_step, reference_step
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Workloads and the sweep
+# --------------------------------------------------------------------------------------------------------------
+
+
+def ratio(numerator, denominator):
+    return None if numerator is None or denominator is None else numerator / denominator
+
+
+def tflop_per_s(flops: float, ms: float | None) -> float | None:
+    return None if ms is None else flops / (ms * 1e-3) / 1e12
+
+
+def goals_met(record: dict, goals) -> tuple[list[dict], bool | None]:
+    """Each goal with its verdict (None where its number is missing, e.g. memory on the CPU); all met?"""
+    verdicts = []
+    for key, op, threshold in goals:
+        value = record[key]
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        verdicts.append(dict(metric=key, op=op, threshold=threshold, value=value, met=met))
+    return verdicts, all_met(v["met"] for v in verdicts)
+
+
+def all_met(flags) -> bool | None:
+    """False if any is False, else None if any is unknown, else True."""
+    flags = list(flags)
+    return False if False in flags else None if None in flags else True
+
+
+def run_workload(workload: Workload, pair: Pair, settings: Settings, ceiling_tflops: float, generator) -> dict:
+    """One workload, both sides: timings, useful TFLOP/s, peak memory, a same-images check and the host-sync check.
+
+    A side that runs out of GPU memory gets None for its numbers instead of ending the run.
+    """
+    grids = sample_grids(workload.images, workload.sides, workload.max_patches, generator)
+    batch = make_batch(
+        grids, pair.config, workload.reference, workload.max_patches, settings.device, generator, workload.backward
+    )
+
+    @torch.no_grad()
+    def same_images_check() -> float:  # one untimed forward of each side
+        ours_out = pair.ours(batch.patches, batch.grid_thw).last_hidden_state
+        reference_outs = [pair.reference(**call) for call in batch.reference_calls]
+        return min_image_cosine(ours_out, batch.reference_real_tokens(reference_outs), batch.image_tokens)
+
+    cosine = unless_out_of_memory(same_images_check)
+    runs = dict(zip(("ours", "reference"), side_runs(pair, batch, workload.backward)))
+    repeats = dict(ours=settings.repeats, reference=settings.repeats)
+    if workload.reference == "per_image":
+        repeats["reference"] = min(settings.repeats, PER_IMAGE_REPEATS)
+    measured = {}
+    for side, run in runs.items():
+        resident = pair.parameter_bytes(side) + batch.input_bytes(side)
+        measured[side] = unless_out_of_memory(lambda: measure_side(run, repeats[side], resident, settings)) or dict(
+            ms=None, times_ms=None, peak_gib=None, out_of_memory=True
+        )
+    synced, sync_detail = None, "not checked: forward workloads only"
+    if not workload.backward:
+        with torch.no_grad():
+            forward = functools.partial(pair.ours_eager, batch.patches, batch.grid_thw)  # uncompiled
+            synced, sync_detail = host_sync_check(forward, settings.device)
+
+    ours, reference = measured["ours"], measured["reference"]
+    flops = useful_flops(pair.config, pair.tower.family, batch.image_tokens, workload.backward)
+    useful_tflops = tflop_per_s(flops, ours["ms"])
+    record = dict(
+        id=workload.id,
+        description=workload.description(settings.smoke),
+        reference=workload.reference_description(),
+        images=len(grids),
+        tokens=sum(batch.image_tokens),
+        reference_tokens=batch.reference_tokens,
+        ours_ms=ours["ms"],
+        reference_ms=reference["ms"],
+        speedup_vs_reference=ratio(reference["ms"], ours["ms"]),
+        useful_gflop=flops / 1e9,
+        useful_tflops=useful_tflops,
+        reference_useful_tflops=tflop_per_s(flops, reference["ms"]),
+        pct_of_matmul_ceiling=None if useful_tflops is None else 100.0 * useful_tflops / ceiling_tflops,
+        peak_mem_gib_ours=ours["peak_gib"],
+        peak_mem_gib_reference=reference["peak_gib"],
+        peak_mem_ratio_vs_reference=ratio(ours["peak_gib"], reference["peak_gib"]),
+        ours_out_of_memory=ours.get("out_of_memory", False),
+        reference_out_of_memory=reference.get("out_of_memory", False),
+        min_image_cosine_vs_reference=cosine,
+        host_sync_free=synced,
+        host_sync_detail=sync_detail,
+        ours_times_ms=ours["times_ms"],
+        reference_times_ms=reference["times_ms"],
+    )
+    record["goals"], record["met"] = goals_met(record, workload.goals)
+    return record
+
+
+def run_sweep(sweep: Sweep, pair: Pair, settings: Settings, generator) -> list[dict]:
+    """Forward throughput and peak memory of both sides as the total tokens grow (reference padded)."""
+    points = []
+    for target in sweep.tokens:
+        grids = grids_for_tokens(target, sweep.sides, sweep.max_patches, generator)
+        batch = make_batch(grids, pair.config, "padded", sweep.max_patches, settings.device, generator)
+        runs = dict(zip(("ours", "reference"), side_runs(pair, batch, backward=False)))
+        point = dict(target_tokens=target, tokens=sum(batch.image_tokens), images=len(grids))
+        for side, run in runs.items():
+            resident = pair.parameter_bytes(side) + batch.input_bytes(side)
+            result = unless_out_of_memory(lambda: measure_side(run, settings.repeats, resident, settings))
+            point[f"{side}_ms"] = None if result is None else result["ms"]
+            point[f"{side}_tokens_per_s"] = None if result is None else point["tokens"] / (result["ms"] * 1e-3)
+            point[f"{side}_peak_gib"] = None if result is None else result["peak_gib"]
+            point[f"{side}_out_of_memory"] = result is None
+        log(f"[sweep] {point['tokens']:>7} tokens, {len(grids):>4} images: ours {fmt(point['ours_ms'], '.2f')} ms, "
+            f"reference {fmt(point['reference_ms'], '.2f', 'OOM')} ms")  # fmt: skip
+        points.append(point)
+        del batch, runs  # the next point's inputs need the room
+    return points
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Outputs: results.json, RESULTS.md, scaling.png, the console table
+# --------------------------------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def fmt(value, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def goal_text(goals: list[dict]) -> str:
+    names = {SPEEDUP: "speedup", CEILING: "ceiling", MEM_RATIO: "mem"}
+    units = {SPEEDUP: "x", CEILING: "%", MEM_RATIO: "x"}
+    return ", ".join(f"{names[g['metric']]} {g['op']} {g['threshold']:g}{units[g['metric']]}" for g in goals)
+
+
+def verdict(met: bool | None) -> str:
+    return {True: "yes", False: "NO", None: "n/a"}[met]
+
+
+def missing(record: dict, side: str) -> str:
+    """What stands in for a side's missing number: it ran out of memory, or there is no such number here."""
+    return "OOM" if record[f"{side}_out_of_memory"] else "n/a"
+
+
+def workload_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for r in results["workloads"].values():
+        rows.append([
+            r["id"], fmt(r["ours_ms"], ".2f", missing(r, "ours")),
+            fmt(r["reference_ms"], ".2f", missing(r, "reference")), fmt(r[SPEEDUP], ".2f") + "x",
+            fmt(r["useful_tflops"], ".1f"), fmt(r["pct_of_matmul_ceiling"], ".1f"),
+            f"{fmt(r['peak_mem_gib_ours'], '.2f')} / {fmt(r['peak_mem_gib_reference'], '.2f')}",
+            fmt(r["peak_mem_ratio_vs_reference"], ".2f"), goal_text(r["goals"]), verdict(r["met"]),
+        ])  # fmt: skip
+    return rows
+
+
+WORKLOAD_HEADER = [
+    "workload", "ours ms", "ref ms", "speedup", "useful TFLOP/s", "% of ceiling", "peak mem ours / ref GiB", "ratio",
+    "goal", "met?",
+]  # fmt: skip
+SWEEP_HEADER = ["tokens", "images", "ours ms", "ref ms", "ours tok/s", "ref tok/s", "ours GiB", "ref GiB"]
+
+
+def sweep_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for p in results["token_sweep"]:
+        ours, ref = missing(p, "ours"), missing(p, "reference")
+        rows.append([
+            str(p["tokens"]), str(p["images"]), fmt(p["ours_ms"], ".2f", ours), fmt(p["reference_ms"], ".2f", ref),
+            fmt(p["ours_tokens_per_s"], ".3g", ours), fmt(p["reference_tokens_per_s"], ".3g", ref),
+            fmt(p["ours_peak_gib"], ".2f", ours), fmt(p["reference_peak_gib"], ".2f", ref),
+        ])  # fmt: skip
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def host_sync_summary(results: dict) -> str:
+    checked = {r["id"]: r["host_sync_free"] for r in results["workloads"].values() if r["host_sync_free"] is not None}
+    if not checked:
+        return "not checked (no CUDA device, or no forward workload run)"
+    failed = [k for k, ok in checked.items() if not ok]
+    details = "; ".join(f"{k}: {results['workloads'][k]['host_sync_detail']}" for k in failed)
+    return f"pass ({', '.join(checked)})" if not failed else f"FAIL ({details})"
+
+
+def existing_notes(path: Path) -> str:
+    """The hand-written "## Notes" section of an existing RESULTS.md, from its heading to the end ("" if none)."""
+    text = path.read_text() if path.exists() else ""
+    match = re.search(r"^## Notes[ \t]*$", text, flags=re.MULTILINE)
+    return text[match.start() :] if match else ""
+
+
+def write_results_md(results: dict, path: Path, plot_written: bool) -> None:
+    env = results["environment"]
+    lines = ["# Benchmark results", ""]
+    if env["smoke"]:
+        lines += ["**Smoke run: tiny configs, a few tokens. These numbers say nothing about performance.**", ""]
+    lines += [
+        "Generated by `benchmarks/bench.py` (its docstring says what is measured and how). Everything above",
+        '"## Notes" is regenerated on every run; the Notes section is kept.',
+        "",
+        f"- Command: `{env['command']}`",
+        f"- Device: {env['device']}; torch {env['torch']}; transformers {env['transformers']}; "
+        f"our attention backend: {env['backend']}; torch.compile: {'yes' if env['compile'] else 'no'}",
+        f"- Matmul ceiling (bf16 {env['matmul_size']}^3, torch.matmul, median): "
+        f"{results['matmul_ceiling_tflops']:.1f} TFLOP/s (again at the end of the run: "
+        f"{results['matmul_tflops_end']:.1f})",
+        f"- No host sync in our forward with a CPU grid_thw: {host_sync_summary(results)}",
+        f"- All goals met: {verdict(results['all_goals_met'])}",
+        f"- Timing: median of {env['repeats']} calls after {env['warmup']} warm-up calls "
+        f"(W4's per-image reference: at most {PER_IMAGE_REPEATS}); random bf16 data, random-init weights",
+        "",
+    ]
+    if results["workloads"]:
+        lines += markdown_table(WORKLOAD_HEADER, workload_rows(results)) + [""]
+        for r in results["workloads"].values():
+            lines.append(
+                f"- {r['id']}: {r['description']}; {r['tokens']} tokens (reference computes {r['reference_tokens']}); "
+                f"reference: {r['reference']}; min per-image cosine ours vs reference "
+                f"{fmt(r['min_image_cosine_vs_reference'], '.5f')}"
+            )
+        lines.append("")
+    if results["token_sweep"]:
+        sweep = results["token_sweep_setup"]
+        lines += [
+            "## Token scaling",
+            "",
+            f"{sweep['tower']}, forward, images of {sweep['sides'][0]}x{sweep['sides'][0]}..{sweep['sides'][1]}x"
+            f"{sweep['sides'][1]} patches; reference padded to {sweep['max_patches']} (OOM: ran out of memory).",
+            "",
+        ]
+        lines += markdown_table(SWEEP_HEADER, sweep_rows(results)) + [""]
+        if plot_written:
+            lines += ["![throughput and peak memory vs total tokens](scaling.png)", ""]
+    notes = existing_notes(path) or "## Notes\n\nHand-written notes go here; bench.py keeps this section.\n"
+    path.write_text("\n".join(lines) + "\n" + notes)
+
+
+def write_scaling_plot(results: dict, path: Path) -> bool:
+    """Throughput and peak memory vs total tokens, ours and the reference; False (with a message) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed: skipping the scaling plot")
+        return False
+    matplotlib.use("Agg")  # no display on the GPU machine
+    import matplotlib.pyplot as plt
+
+    points = results["token_sweep"]
+    figure, (throughput, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for side, label in (("ours", "packed (ours)"), ("reference", "transformers, padded")):
+        done = [p for p in points if p[f"{side}_ms"] is not None]
+        throughput.plot([p["tokens"] for p in done], [p[f"{side}_tokens_per_s"] for p in done], "o-", label=label)
+        with_memory = [p for p in done if p[f"{side}_peak_gib"] is not None]
+        memory.plot([p["tokens"] for p in with_memory], [p[f"{side}_peak_gib"] for p in with_memory], "o-", label=label)
+    if all(p["ours_peak_gib"] is None for p in points):
+        memory.text(0.5, 0.5, "not measured (no CUDA device)", transform=memory.transAxes, ha="center")
+    for axis, ylabel, title in ((throughput, "tokens / s", "forward throughput"), (memory, "GiB", "peak memory")):
+        axis.set_xscale("log", base=2)
+        axis.set(xlabel="total tokens", ylabel=ylabel, title=title)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{results['token_sweep_setup']['tower']}, {results['environment']['device']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def print_table(results: dict) -> None:
+    """The short summary printed last (the GPU tool returns only the end of the output)."""
+    env = results["environment"]
+    print()
+    print(f"{env['device']} | torch {env['torch']} | transformers {env['transformers']} | backend {env['backend']}"
+          f"{' | compile' if env['compile'] else ''}{' | SMOKE' if env['smoke'] else ''}")  # fmt: skip
+    print(f"matmul ceiling {results['matmul_ceiling_tflops']:.1f} TFLOP/s (end {results['matmul_tflops_end']:.1f}) | "
+          f"host sync: {host_sync_summary(results)} | all goals met: {verdict(results['all_goals_met'])}")  # fmt: skip
+    if results["token_sweep"]:
+        print(format_columns(SWEEP_HEADER, sweep_rows(results)))
+    if results["workloads"]:
+        header = ["id", "ours ms", "ref ms", "speedup", "TFLOP/s", "%ceil", "mem GiB", "ratio", "goal", "met"]
+        print(format_columns(header, workload_rows(results)))
+
+
+def format_columns(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", default="W1,W2,W3,W4,W5", help="comma-separated subset of W1..W5")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the token-scaling sweep")
+    parser.add_argument(
+        "--backend", default="auto", choices=["auto", "varlen_attn", "flash_attention_2", "sdpa", "eager"],
+        help="our attn_implementation (auto: varlen_attn on CUDA bf16, sdpa on the CPU)",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, help="timed calls per side (default 10; 2 with --smoke)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks")
+    parser.add_argument("--smoke", action="store_true", help="tiny configs, a few tokens: CPU is fine")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+    return args
+
+
+RECORD_ENVIRONMENT = ("device", "torch", "transformers", "backend", "compile", "command")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("The full benchmark needs a CUDA GPU; on the CPU run it with --smoke")
+    settings = Settings(
+        device=device,
+        repeats=args.repeats or (2 if args.smoke else 10),
+        warmup=1 if args.smoke else 3,
+        backend=args.backend,
+        compile=args.compile,
+        smoke=args.smoke,
+        matmul_size=256 if args.smoke else 8192,
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # random-init weights
+    log(f"packed_vit from {Path(packed_vit.__file__).parent}; device {device_name(device)}")
+
+    command = shlex.join(sys.orig_argv if argv is None else ["python", "benchmarks/bench.py", *argv])
+    results = dict(environment=environment(args, settings, command), workloads={}, token_sweep=[])
+    # The ceiling is measured first; again at the end, the same product says whether the GPU drifted meanwhile.
+    results["matmul_ceiling_tflops"] = matmul_tflops(settings)
+    log(f"[ceiling] bf16 {settings.matmul_size}^3 matmul: {results['matmul_ceiling_tflops']:.1f} TFLOP/s")
+
+    pairs: dict[str, Pair] = {}
+
+    def pair_of(tower_key: str) -> Pair:
+        if tower_key not in pairs:
+            pairs[tower_key] = build_pair(TOWERS[tower_key], settings)
+            results["environment"]["backend"] = pairs[tower_key].backend
+        return pairs[tower_key]
+
+    for key in args.workloads.split(","):
+        workload = WORKLOADS[key].for_smoke() if args.smoke else WORKLOADS[key]
+        record = run_workload(workload, pair_of(workload.tower), settings, results["matmul_ceiling_tflops"], generator)
+        # each record carries what it was measured with, so that it can be read alone
+        results["workloads"][key] = {**record, **{k: results["environment"][k] for k in RECORD_ENVIRONMENT}}
+        log(f"[{key}] ours {fmt(record['ours_ms'], '.2f', 'OOM')} ms, "
+            f"reference {fmt(record['reference_ms'], '.2f', 'OOM')} ms, {fmt(record[SPEEDUP], '.2f')}x, "
+            f"{fmt(record['useful_tflops'], '.1f')} useful TFLOP/s, memory ratio {fmt(record[MEM_RATIO], '.2f')}, "
+            f"min cosine {fmt(record['min_image_cosine_vs_reference'], '.5f')}, "
+            f"host sync free: {record['host_sync_free']}")  # fmt: skip
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if not args.no_sweep:
+        sweep = SMOKE_SWEEP if args.smoke else SWEEP
+        results["token_sweep_setup"] = dict(dataclasses.asdict(sweep), tower=TOWERS[sweep.tower].label(args.smoke))
+        results["token_sweep"] = run_sweep(sweep, pair_of(sweep.tower), settings, generator)
+
+    results["matmul_tflops_end"] = matmul_tflops(settings)
+    log(f"[ceiling] again at the end: {results['matmul_tflops_end']:.1f} TFLOP/s")
+    checked = [r["host_sync_free"] for r in results["workloads"].values() if not WORKLOADS[r["id"]].backward]
+    results["host_sync_free"] = all_met(checked) if checked else None
+    results["all_goals_met"] = all_met([r["met"] for r in results["workloads"].values()] + [results["host_sync_free"]])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_written = bool(results["token_sweep"]) and write_scaling_plot(results, args.out_dir / "scaling.png")
+    write_results_md(results, args.out_dir / "RESULTS.md", plot_written)
+    log(f"wrote {args.out_dir / 'results.json'}, {args.out_dir / 'RESULTS.md'}"
+        f"{', ' + str(args.out_dir / 'scaling.png') if plot_written else ''}")  # fmt: skip
+    print_table(results)
+    return results
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def environment(args, settings: Settings, command: str) -> dict:
+    return dict(
+        device=device_name(settings.device),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        command=command,
+        backend=settings.backend,  # replaced by the resolved backend once a model is built
+        compile=settings.compile,
+        smoke=settings.smoke,
+        repeats=settings.repeats,
+        warmup=settings.warmup,
+        matmul_size=settings.matmul_size,
+        seed=args.seed,
+    )
+
+
+if __name__ == "__main__":
+    main()
