@@ -243,8 +243,9 @@ def varlen_attention(
             query_segments.max_seqlen, key_segments.max_seqlen,
         )  # fmt: skip
     if backend == "flash_attention_2":
-        from flash_attn import flash_attn_varlen_func
-
+        # Not `from flash_attn import ...`: transformers' remote-code loader (Hub repos) refuses a file that
+        # imports, anywhere outside try/except, a package that is not installed, and flash-attn is optional.
+        flash_attn_varlen_func = importlib.import_module("flash_attn").flash_attn_varlen_func
         return flash_attn_varlen_func(
             query, key, value,
             query_segments.cu_seqlens, key_segments.cu_seqlens,
