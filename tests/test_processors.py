@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import transformers
 from skimage import data
 from transformers import AutoImageProcessor
 
@@ -33,6 +34,11 @@ except ImportError:  # transformers 4.57: the slow processors are the PIL ones
     from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
 PATCH_TOL = 1e-5  # max abs difference of processed pixels
+
+# RGB conversion changed in transformers 5, which this project follows: 4.57 converted only PIL images and
+# dropped their alpha; 5.x composites alpha onto white and converts arrays too. On 4.x those cases are skipped.
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+CONVERSIONS_NEW_IN_5 = {"PIL RGBA", "array HxWx1", "array RGBA"}
 
 # apple/aimv2-large-patch14-224 preprocessor_config.json (a CLIPImageProcessor).
 AIMV2_224_SETTINGS = dict(
@@ -65,9 +71,9 @@ def random_rgb(height, width, seed=0):
 SYNTHETIC_SIZES = [(1, 1), (1, 2), (3, 1), (2, 2), (16, 16), (17, 33), (20, 300), (300, 20), (7, 300), (1, 1000)]
 
 
-def reference_siglip2_patches(images, **options):
+def reference_siglip2_patches(images, input_data_format=None, **options):
     """transformers' padded output -> per image (grid (h, w), non-padding patches [h*w, p*p*C])."""
-    out = ReferenceSiglip2Processor(**options)(images, return_tensors="np")
+    out = ReferenceSiglip2Processor(**options)(images, return_tensors="np", input_data_format=input_data_format)
     return [
         (tuple(shape), values[mask.astype(bool)])
         for shape, values, mask in zip(out["spatial_shapes"], out["pixel_values"], out["pixel_attention_mask"])
@@ -81,9 +87,9 @@ def per_image(out):
     return list(zip(grids, patches))
 
 
-def assert_siglip2_like_reference(images, **options):
-    ours = per_image(Siglip2PackingImageProcessor(**options)(images))
-    reference = reference_siglip2_patches(images, **options)
+def assert_siglip2_like_reference(images, input_data_format=None, **options):
+    ours = per_image(Siglip2PackingImageProcessor(**options)(images, input_data_format=input_data_format))
+    reference = reference_siglip2_patches(images, input_data_format=input_data_format, **options)
     assert len(ours) == len(reference)
     for ((t, h, w), patches), (ref_grid, ref_patches) in zip(ours, reference):
         assert (t, h, w) == (1, *ref_grid)
@@ -111,7 +117,9 @@ def test_siglip2_grid_rule_is_references(photos):
 
 @pytest.mark.parametrize("height,width", SYNTHETIC_SIZES)
 def test_siglip2_tiny_and_elongated_images_match_reference(height, width):
-    assert_siglip2_like_reference(PIL.Image.fromarray(random_rgb(height, width)), max_num_patches=64)
+    # channels_last: transformers 4.57 reads PIL images through arrays and would take (1, 2, 3) as channels first.
+    image = PIL.Image.fromarray(random_rgb(height, width))
+    assert_siglip2_like_reference(image, input_data_format="channels_last", max_num_patches=64)
 
 
 def test_siglip2_array_forms_and_dtypes_match_reference():
@@ -168,6 +176,8 @@ def test_grayscale_and_rgba_refused_without_convert_rgb_like_reference(name):
 
 @pytest.mark.parametrize("name", list(grayscale_and_rgba_images()))
 def test_grayscale_and_rgba_converted_with_convert_rgb_like_reference(name):
+    if TRANSFORMERS_4 and name in CONVERSIONS_NEW_IN_5:
+        pytest.skip("transformers 4.57 converts this differently (see CONVERSIONS_NEW_IN_5)")
     image = grayscale_and_rgba_images()[name]
     assert_siglip2_like_reference(image, max_num_patches=64, do_convert_rgb=True)
 
@@ -300,8 +310,10 @@ def test_return_tensors():
 
 
 def assert_aimv2_like_clip_processor(images, ours: Aimv2PackingImageProcessor, **clip_settings):
-    reference = ReferenceCLIPProcessor(**clip_settings)(images, return_tensors="pt")["pixel_values"]
-    out = per_image(ours(images))
+    # channels_last for the PIL images of transformers 4.57, as in the Siglip2 tests; arrays here are (H, W, C).
+    reference = ReferenceCLIPProcessor(**clip_settings)(images, return_tensors="pt", input_data_format="channels_last")
+    reference = reference["pixel_values"]
+    out = per_image(ours(images, input_data_format="channels_last"))
     assert len(out) == len(reference)
     for ((t, h, w), patches), ref_image in zip(out, reference):
         assert t == 1 and (h * 14, w * 14) == tuple(ref_image.shape[1:])
@@ -318,7 +330,8 @@ def test_aimv2_fixed_size_matches_clip_processor_on_photos(photos):
 def test_aimv2_fixed_size_matches_clip_processor_on_synthetic_images():
     # (1, 1000) left out: its shortest edge resized to 224 makes a 224 x 224000 image, slow in both processors.
     images = [PIL.Image.fromarray(random_rgb(h, w)) for h, w in SYNTHETIC_SIZES if (h, w) != (1, 1000)]
-    images += list(grayscale_and_rgba_images().values())  # converted to RGB by default, as in the AIMv2 configs
+    # Grayscale and RGBA images are converted to RGB by default, as in the AIMv2 configs.
+    images += [image for name, image in grayscale_and_rgba_images().items() if not (TRANSFORMERS_4 and name in CONVERSIONS_NEW_IN_5)]
     assert_aimv2_like_clip_processor(images, Aimv2PackingImageProcessor(), **AIMV2_224_SETTINGS)
 
 
