@@ -154,9 +154,12 @@ def test_export_writes_auto_map_flat_code_weights_and_card(exported, tower):
     source, folder = exported[tower]
     model_class, config = TOWERS[tower]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["README.md", "config.json", "model.safetensors", "packing.py"]
+        ["README.md", "config.json", "model.safetensors", "packing.py", "preprocessor_config.json"]
         + [f"modeling_{tower}_packing.py", f"configuration_{tower}_packing.py"]
+        + [f"image_processing_{tower}_packing.py", "image_processing_packing.py"]
     )
+    processor_config = json.loads((folder / "preprocessor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoImageProcessor"].startswith(f"image_processing_{tower}_packing.")
     saved = json.loads((folder / "config.json").read_text())
     assert saved["auto_map"] == {
         "AutoConfig": f"configuration_{tower}_packing.{type(config).__name__}",
