@@ -160,6 +160,9 @@ def test_export_writes_auto_map_flat_code_weights_and_card(exported, tower):
     )
     processor_config = json.loads((folder / "preprocessor_config.json").read_text())
     assert processor_config["auto_map"]["AutoImageProcessor"].startswith(f"image_processing_{tower}_packing.")
+    assert processor_config["patch_size"] == config.patch_size  # the processor cuts the patches the model takes
+    if tower == "aimv2":
+        assert processor_config["is_native"] == config.is_native
     saved = json.loads((folder / "config.json").read_text())
     assert saved["auto_map"] == {
         "AutoConfig": f"configuration_{tower}_packing.{type(config).__name__}",

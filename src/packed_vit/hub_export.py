@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,19 @@ class Tower:
     source_model_types: tuple[str, ...]  # config.json `model_type`s of the checkpoints this tower loads
     processor_module: str  # may not exist (yet): then the export has no image processor
     processor_class: str
+    processor_settings: Callable  # model config -> the processor settings its geometry dictates
+
+
+def siglip2_processor_settings(config) -> dict:
+    return {"patch_size": config.patch_size}
+
+
+def aimv2_processor_settings(config) -> dict:
+    """Native checkpoints keep each image's aspect; fixed-size ones resize and crop to their trained size."""
+    settings = {"patch_size": config.patch_size, "is_native": config.is_native}
+    if not config.is_native:
+        settings.update(size={"shortest_edge": config.image_size}, crop_size=config.image_size)
+    return settings
 
 
 TOWERS = (
@@ -65,6 +79,7 @@ TOWERS = (
         ("siglip2", "siglip2_vision_model", "siglip2_packing_vision"),
         f"{PACKAGE}.processing.image_processing_siglip2_packing",
         "Siglip2PackingImageProcessor",
+        siglip2_processor_settings,
     ),
     Tower(
         "AIMv2",
@@ -72,6 +87,7 @@ TOWERS = (
         ("aimv2", "aimv2_vision_model", "aimv2_packing_vision"),
         f"{PACKAGE}.processing.image_processing_aimv2_packing",
         "Aimv2PackingImageProcessor",
+        aimv2_processor_settings,
     ),
 )
 
@@ -213,12 +229,15 @@ def processor_class(tower: Tower) -> type | None:
     return getattr(importlib.import_module(tower.processor_module), tower.processor_class)
 
 
-def write_processor(processor_cls: type, source: str, revision: str | None, folder: Path) -> None:
-    """preprocessor_config.json: the source's processor settings when it has them, else the class defaults."""
+def write_processor(
+    processor_cls: type, settings: dict, source: str, revision: str | None, folder: Path
+) -> None:
+    """preprocessor_config.json: the source's processor settings when it has them, else the class defaults,
+    with the geometry (`settings`) the model's config dictates."""
     if source_has_file(source, "preprocessor_config.json", revision):
-        processor = processor_cls.from_pretrained(source, revision=revision)
+        processor = processor_cls.from_pretrained(source, revision=revision, **settings)
     else:
-        processor = processor_cls()
+        processor = processor_cls(**settings)
     processor.save_pretrained(folder)
     path = folder / "preprocessor_config.json"
     settings = json.loads(path.read_text())
@@ -488,7 +507,7 @@ def export_folder(
         modules = [type(model).__module__, type(model.config).__module__]
         if processor_cls is not None:
             modules.append(processor_cls.__module__)
-            write_processor(processor_cls, source, revision, building)
+            write_processor(processor_cls, tower.processor_settings(model.config), source, revision, building)
         for name, code in flat_code_files(modules).items():
             (building / name).write_text(code)
         write_config(model, building)
