@@ -27,7 +27,11 @@ from .packing import (
 
 
 class Aimv2PackingRMSNorm(nn.Module):
-    """RMSNorm in fp32, weight applied in the input dtype (as `Aimv2RMSNorm`)."""
+    """RMSNorm with statistics in fp32, as `Aimv2RMSNorm`, in torch's fused kernel.
+
+    `Aimv2RMSNorm` spells it out in 7 elementwise ops (each a pass over [N, D]); `F.rms_norm` is one pass. Same
+    function; in bf16 it rounds once instead of twice (before and after the weight), i.e. no less accurate.
+    """
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -35,10 +39,7 @@ class Aimv2PackingRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * hidden_states.to(input_dtype)
+        return F.rms_norm(hidden_states, self.weight.shape, self.weight.to(hidden_states.dtype), self.eps)
 
 
 class Aimv2PackingVisionEmbeddings(nn.Module):
