@@ -15,6 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..configuration.configuration_aimv2_packing import Aimv2PackingVisionConfig
+from .conversion_aimv2 import convert_aimv2_config, convert_aimv2_state_dict
 from .packing import (
     LastHiddenStateModule,
     PackedGrid,
@@ -157,6 +158,9 @@ class Aimv2PackingPreTrainedModel(PackedVisionPreTrainedModel):
     config_class = Aimv2PackingVisionConfig
     base_model_prefix = "aimv2_packing"
     _no_split_modules = ["Aimv2PackingVisionEmbeddings", "Aimv2PackingEncoderLayer"]
+    # How from_pretrained reads every Aimv2 checkpoint format (DESIGN §4): conversion_aimv2.py
+    convert_checkpoint_config = staticmethod(convert_aimv2_config)
+    convert_checkpoint_state_dict = staticmethod(convert_aimv2_state_dict)
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -15,6 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..configuration.configuration_siglip2_packing import Siglip2PackingVisionConfig
+from .conversion_siglip2 import convert_siglip2_config, convert_siglip2_state_dict
 from .packing import (
     LastHiddenStateModule,
     PackedGrid,
@@ -110,6 +111,9 @@ class Siglip2PackingPreTrainedModel(PackedVisionPreTrainedModel):
     config_class = Siglip2PackingVisionConfig
     base_model_prefix = "siglip2_packing"
     _no_split_modules = ["Siglip2PackingVisionEmbeddings", "Siglip2PackingEncoderLayer"]
+    # How from_pretrained reads every Siglip2 checkpoint format (DESIGN §4): conversion_siglip2.py
+    convert_checkpoint_config = staticmethod(convert_siglip2_config)
+    convert_checkpoint_state_dict = staticmethod(convert_siglip2_state_dict)
 
     def _init_weights(self, module):
         super()._init_weights(module)

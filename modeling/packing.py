@@ -19,6 +19,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
+from .checkpoint_loading import load_pretrained
+
 # --------------------------------------------------------------------------------------------------------------
 # Packing metadata
 # --------------------------------------------------------------------------------------------------------------
@@ -361,6 +363,11 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
     def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         requested = getattr(self.config, "_attn_implementation", None)
         return resolve_attn_implementation(check_attn_implementation(requested), device, dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Any checkpoint of DESIGN §4 (local folder or Hub id), converted and loaded strictly: checkpoint_loading.py."""
+        return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 class LastHiddenStateModule(nn.Module):
