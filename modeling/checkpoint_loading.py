@@ -300,7 +300,11 @@ def build_config(cls, config, source: CheckpointSource, checkpoint_keys: list[st
         config_dict = CheckpointSource(os.fspath(config), hub_kwargs=hub_kwargs).read_config()
     else:
         raise TypeError(f"config must be a PretrainedConfig, a dict or a path, got {type(config).__name__}")
-    return cls.config_class(**cls.convert_checkpoint_config(config_dict, checkpoint_keys))
+    converted = cls.config_class(**cls.convert_checkpoint_config(config_dict, checkpoint_keys))
+    # Not in to_dict(): the backend a given config asks for, e.g. AutoModel's config, which is ours but loaded as a
+    # separate copy of the remote code on transformers 5 (another class object).
+    converted._attn_implementation = getattr(config, "_attn_implementation", None)
+    return converted
 
 
 def load_pretrained(

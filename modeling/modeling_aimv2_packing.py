@@ -16,6 +16,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..configuration.configuration_aimv2_packing import Aimv2PackingVisionConfig
 from .conversion_aimv2 import convert_aimv2_config, convert_aimv2_state_dict
+# Remote code on transformers 4.57 copies only the direct relative imports of a local folder's modeling file into
+# its module cache: every module this file needs, even through another, is imported here.
+from .checkpoint_loading import load_pretrained  # noqa: F401
 from .packing import (
     LastHiddenStateModule,
     PackedGrid,

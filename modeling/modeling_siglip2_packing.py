@@ -16,6 +16,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..configuration.configuration_siglip2_packing import Siglip2PackingVisionConfig
 from .conversion_siglip2 import convert_siglip2_config, convert_siglip2_state_dict
+# Remote code on transformers 4.57 copies only the direct relative imports of a local folder's modeling file into
+# its module cache: every module this file needs, even through another, is imported here.
+from .checkpoint_loading import load_pretrained  # noqa: F401
 from .packing import (
     LastHiddenStateModule,
     PackedGrid,

@@ -17,6 +17,7 @@ from transformers import Aimv2Config, Aimv2Model, Siglip2Config, Siglip2Model
 
 from packed_vit.modeling.conversion_aimv2 import APPLE_ORIGINAL_NAMES, POSITION_TABLE, compile_name_table, rename_key
 
+REPO = Path(__file__).resolve().parent.parent
 TINY_TEXT = dict(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
     pad_token_id=1, bos_token_id=2, eos_token_id=3,
@@ -60,6 +61,22 @@ def pickle_bin(ref, ours, folder):
 def packed_round_trip(ref, ours, folder):
     """This project's own `save_pretrained` (model_type `*_packing_vision`)."""
     ours.save_pretrained(folder)
+
+
+def exported_remote_code(ref, ours, folder):
+    """This project's Hub export (DESIGN §5), minimally: our save, the code files flat with single-dot imports, and
+    `auto_map` so that `AutoModel.from_pretrained(folder, trust_remote_code=True)` runs our `from_pretrained`."""
+    ours.save_pretrained(folder)
+    code = [f for f in [*REPO.glob("modeling/*.py"), *REPO.glob("configuration/*.py")] if f.name != "__init__.py"]
+    for file in code:
+        (Path(folder) / file.name).write_text(file.read_text().replace("from ..configuration.", "from ."))
+    config = json.loads((Path(folder) / "config.json").read_text())
+    tower = config["model_type"].removesuffix("_packing_vision")  # aimv2, siglip2
+    config["auto_map"] = {
+        "AutoConfig": f"configuration_{tower}_packing.{type(ours.config).__name__}",
+        "AutoModel": f"modeling_{tower}_packing.{type(ours).__name__}",
+    }
+    save_config(config, folder)
 
 
 def siglip2_full_model(ref, ours, folder):

@@ -61,6 +61,7 @@ SIGLIP2_FORMATS = [
     formats.sharded,
     formats.pickle_bin,
     formats.packed_round_trip,
+    formats.exported_remote_code,
 ]
 
 
@@ -188,9 +189,10 @@ def test_apple_config_reads_the_weights_for_native_and_head():
 
 @pytest.fixture
 def siglip2_checkpoint(tmp_path):
-    """(folder, weights) of a saved Siglip2VisionModel, for the tests to spoil."""
+    """(folder, weights) of a Siglip2VisionModel checkpoint with unprefixed keys, for the tests to spoil."""
     ref, ours = siglip2_pair()
-    formats.vision_model(ref, ours, tmp_path)
+    ref.config.save_pretrained(tmp_path)
+    formats.save_weights(ours.state_dict(), tmp_path)
     return tmp_path, load_file(tmp_path / "model.safetensors")
 
 
@@ -392,6 +394,27 @@ def test_unknown_kwarg_is_refused(saved):
     folder, _ = saved
     with pytest.raises(TypeError, match="unexpected keyword argument.*: not_a_field"):
         Aimv2PackingVisionModel.from_pretrained(folder, not_a_field=1)
+
+
+def test_auto_model_remote_code_runs_our_loader(tmp_path):
+    # AutoModel.from_pretrained(export, trust_remote_code=True) as a user runs it on the exported folder (fresh
+    # process, its own module cache), passing dtype and backend through AutoModel's own kwargs plumbing.
+    ref, ours = aimv2_pair(is_native=False)
+    formats.exported_remote_code(ref, ours, tmp_path / "export")
+    torch.save(ours.state_dict(), tmp_path / "expected.pt")
+    script = (
+        "import sys, torch, transformers; "
+        "m = transformers.AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.bfloat16, "
+        "attn_implementation='eager'); expected = torch.load(sys.argv[2], weights_only=True); "
+        "assert m.config._attn_implementation == 'eager', m.config._attn_implementation; "
+        "assert m.state_dict().keys() == expected.keys(); "
+        "assert all(torch.equal(t, expected[k].bfloat16()) for k, t in m.state_dict().items()); "
+        "assert 'packed_vit' not in sys.modules and type(m).__module__.startswith('transformers_modules')"
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script, tmp_path / "export", tmp_path / "expected.pt"], env=env,
+                          capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_auto_model_and_seed_alias(saved):
