@@ -31,6 +31,7 @@ CONFIG_NAME = "config.json"
 # Weight files in the order they are looked for: safetensors first, a pickle only as the last resort.
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+ALL_WEIGHTS = SAFETENSORS_WEIGHTS + PICKLE_WEIGHTS
 
 # What transformers' AutoModel, pipelines and older callers pass to every `from_pretrained` as plumbing of their
 # own loading: nothing in it changes what we load, so it is accepted and ignored.
@@ -165,7 +166,7 @@ class CheckpointSource:
 
     def read_state_dict(self, use_safetensors: bool | None, device: torch.device) -> dict[str, torch.Tensor]:
         """All tensors of the checkpoint, on `device`: safetensors (single or sharded) first, then a pickle."""
-        names = {True: SAFETENSORS_WEIGHTS, False: PICKLE_WEIGHTS}.get(use_safetensors, SAFETENSORS_WEIGHTS + PICKLE_WEIGHTS)
+        names = {True: SAFETENSORS_WEIGHTS, False: PICKLE_WEIGHTS}.get(use_safetensors, ALL_WEIGHTS)
         for name in names:
             path = self.fetch(name)
             if path is None:
@@ -275,7 +276,7 @@ def single_device(device_map) -> torch.device:
 
 
 def resolve_dtype(dtype, state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
-    """`dtype=` as transformers 5 reads it: a floating torch.dtype or its name; None / "auto" is the checkpoint's own."""
+    """`dtype=` as transformers 5 reads it: a floating torch.dtype or its name; None / "auto": the checkpoint's."""
     if dtype is None or dtype == "auto":
         floating = (tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point())
         return next(floating, torch.get_default_dtype())

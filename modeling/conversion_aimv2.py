@@ -1,14 +1,14 @@
 """AIMv2 checkpoints (DESIGN §4) -> our config kwargs and the canonical state dict.
 
-Canonical names are transformers' `Aimv2VisionModel` keys. Sources:
-
-| source | config | weights |
-|---|---|---|
-| apple/aimv2-* at current main, transformers `Aimv2VisionModel` | `aimv2_vision_model` | canonical |
-| transformers `Aimv2Model` (LiT at current main) | `aimv2`, tower under `vision_config` | `vision_model.*` (+ text tower, projections, logit scale) |
-| apple/aimv2-* original format (pinned revisions) | Apple's `AIMv2Config`: `aimv2`, flat | `preprocessor.*`, `trunk.*` (table below) |
-| Apple's original LiT | `aimv2`, Apple's fields under `vision_config` | the same under `image_encoder.` (+ `head.*`, text tower) |
-| this project's saves | `aimv2_packing_vision` | canonical |
+Canonical names are transformers' `Aimv2VisionModel` keys. Sources (config model_type; weight keys):
+- apple/aimv2-* at current main, transformers `Aimv2VisionModel`: `aimv2_vision_model`; canonical.
+- transformers `Aimv2Model` (LiT at current main): `aimv2`, the tower under `vision_config`; `vision_model.*`, beside
+  the text tower, projections and logit scale (dropped).
+- apple/aimv2-* in their original format (the pinned revisions): Apple's `AIMv2Config`, `aimv2`, flat fields;
+  `preprocessor.*`, `trunk.*` (`APPLE_ORIGINAL_NAMES` below).
+- Apple's original LiT: `aimv2`, Apple's fields under `vision_config`; the same under `image_encoder.`, with the
+  head, beside the text tower, projections and logit scale (dropped).
+- this project's saves: `aimv2_packing_vision`; canonical.
 
 Apple's configs do not state what their weights show: a native-resolution checkpoint is the one without a position
 table (`is_native`), and a LiT one has the attention-pooling head (`use_head`).
@@ -29,10 +29,10 @@ APPLE_MARKER = "preprocessor.patchifier.proj.weight"
 CANONICAL_MARKER = "embeddings.patch_embed.weight"
 POSITION_TABLE = "embeddings.position_embedding.weight"
 FORMATS = (
-    CheckpointFormat("Apple original LiT", prefix="image_encoder.", marker=APPLE_MARKER, position_key="preprocessor.pos_embed"),
-    CheckpointFormat("Apple original", prefix="", marker=APPLE_MARKER, position_key="preprocessor.pos_embed"),
-    CheckpointFormat("transformers Aimv2Model", prefix="vision_model.", marker=CANONICAL_MARKER, position_key=POSITION_TABLE),
-    CheckpointFormat("canonical / Aimv2VisionModel", prefix="", marker=CANONICAL_MARKER, position_key=POSITION_TABLE),
+    CheckpointFormat("Apple original LiT", "image_encoder.", APPLE_MARKER, position_key="preprocessor.pos_embed"),
+    CheckpointFormat("Apple original", "", APPLE_MARKER, position_key="preprocessor.pos_embed"),
+    CheckpointFormat("transformers Aimv2Model", "vision_model.", CANONICAL_MARKER, position_key=POSITION_TABLE),
+    CheckpointFormat("canonical / Aimv2VisionModel", "", CANONICAL_MARKER, position_key=POSITION_TABLE),
 )  # fmt: skip
 
 # Keys of AIMv2 checkpoints that are not the vision tower's weights: dropped on purpose, never an error.
@@ -110,7 +110,7 @@ def from_apple_original(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.
             canonical[name] = tensor
             continue
         if tensor.shape[0] % 3:
-            raise ValueError(f"{key}: a fused qkv projection needs a first dim divisible by 3, got {tuple(tensor.shape)}")
+            raise ValueError(f"{key}: a fused qkv projection's first dim must divide by 3, got {tuple(tensor.shape)}")
         for part, chunk in zip("qkv", tensor.chunk(3)):
             # clone: views of one fused storage could not be saved back to safetensors as separate tensors
             canonical[f"{fused['module']}{part}_proj.{fused['param']}"] = chunk.clone()
@@ -139,7 +139,8 @@ def convert_aimv2_config(config: Mapping, checkpoint_keys: Iterable[str]) -> dic
             kwargs[name] = vision[apple_name]
     checkpoint_keys = list(checkpoint_keys)
     checkpoint_format = detect_format(FORMATS, checkpoint_keys, "AIMv2")
-    tower_keys = [key[len(checkpoint_format.prefix) :] for key in checkpoint_keys if key.startswith(checkpoint_format.prefix)]
+    prefix = checkpoint_format.prefix
+    tower_keys = [key[len(prefix) :] for key in checkpoint_keys if key.startswith(prefix)]
     kwargs.setdefault("is_native", checkpoint_format.position_key not in tower_keys)
     kwargs.setdefault("use_head", any(key.startswith("head.") for key in tower_keys))
     return kwargs

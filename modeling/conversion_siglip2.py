@@ -3,11 +3,11 @@
 Canonical names are transformers' `Siglip2VisionModel` keys without any `vision_model.` prefix, so the conversion
 is only: find the tower's keys, strip their prefix, drop the parts of the checkpoint that are not the tower.
 
-| source | config | weights |
-|---|---|---|
-| google/siglip2-*-naflex (full `Siglip2Model`) | `siglip2`, tower under `vision_config` | `vision_model.*` (+ text tower, logit scale/bias) |
-| transformers `Siglip2VisionModel` | `siglip2_vision_model` | `vision_model.*` (4.x saves) or unprefixed (5.x) |
-| this project's saves | `siglip2_packing_vision` | canonical |
+Sources (config model_type; weight keys):
+- google/siglip2-*-naflex, a full `Siglip2Model`: `siglip2`, the tower under `vision_config`; `vision_model.*`,
+  beside the text tower and the logit scale and bias (dropped).
+- a transformers `Siglip2VisionModel`: `siglip2_vision_model`; `vision_model.*` (4.x saves) or unprefixed (5.x).
+- this project's saves: `siglip2_packing_vision`; canonical.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from .checkpoint_loading import CheckpointFormat, check_model_type, config_field
 MODEL_TYPES = ("siglip2", "siglip2_vision_model", "siglip2_packing_vision")
 
 FORMATS = (
-    CheckpointFormat("transformers, vision_model.-prefixed", prefix="vision_model.", marker="embeddings.patch_embedding.weight"),
-    CheckpointFormat("canonical / transformers 5 Siglip2VisionModel", prefix="", marker="embeddings.patch_embedding.weight"),
-)  # fmt: skip
+    CheckpointFormat("transformers, vision_model.-prefixed", "vision_model.", "embeddings.patch_embedding.weight"),
+    CheckpointFormat("canonical / transformers 5 Siglip2VisionModel", "", "embeddings.patch_embedding.weight"),
+)
 
 # Keys of Siglip2 checkpoints that are not the vision tower's weights: dropped on purpose, never an error.
 DROPPED_KEYS = re.compile(
