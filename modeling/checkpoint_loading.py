@@ -76,7 +76,7 @@ def detect_format(formats: Iterable[CheckpointFormat], keys: Iterable[str], towe
     expected = ", ".join(f"{f.prefix}{f.marker} ({f.name})" for f in formats)
     raise ValueError(
         f"Unknown checkpoint format: not a {tower} checkpoint this loader knows. It has none of the keys {expected}; "
-        f"its keys start with: {', '.join(sorted(keys)[:8]) or '(no keys)'}"
+        f"its first keys: {', '.join(sorted(keys)[:8]) or '(none)'}"
     )
 
 
@@ -84,14 +84,14 @@ def tower_tensors(state_dict: Mapping[str, torch.Tensor], prefix: str, dropped: 
     """The tower's tensors with `prefix` removed; keys that `dropped` fully matches (other towers, logit scales,
     index buffers) left out on purpose. Any other key is kept under its own name, so that the strict check names
     it as unexpected."""
-    tensors = {}
+    tensors, source_keys = {}, {}
     for key, tensor in state_dict.items():
         if dropped.fullmatch(key):
             continue
         name = key[len(prefix) :] if key.startswith(prefix) else key
         if name in tensors:
-            raise ValueError(f"Checkpoint has two tensors for {name!r}: {key!r} and {prefix + name!r} or {name!r}")
-        tensors[name] = tensor
+            raise ValueError(f"Checkpoint keys {source_keys[name]!r} and {key!r} are both the tower's {name!r}")
+        tensors[name], source_keys[name] = tensor, key
     return tensors
 
 
