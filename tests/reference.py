@@ -4,6 +4,7 @@ import torch
 from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfig, Siglip2VisionModel
 
 from packed_vit import Aimv2PackingVisionConfig, Siglip2PackingVisionConfig
+from packed_vit.modeling.conversion_siglip2 import convert_siglip2_state_dict
 
 FP32_REL_TOL = 1e-5  # DESIGN §7, CPU float32, per image
 
@@ -32,7 +33,8 @@ def siglip2_pair(use_head=True, **overrides):
     fields = {**SMALL_SIGLIP2, "vision_use_head": use_head, **overrides}
     ref = perturb_(Siglip2VisionModel(Siglip2VisionConfig(**fields, attn_implementation="eager"))).eval()
     ours = Siglip2PackingVisionModel(Siglip2PackingVisionConfig(**fields)).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    # transformers 4.57 keeps the tower under `vision_model.`; 5.x does not: the conversion takes either.
+    ours.load_state_dict(convert_siglip2_state_dict(ref.state_dict()), strict=True)
     return ref, ours
 
 
