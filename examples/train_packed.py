@@ -187,7 +187,7 @@ def train(args, model, wrapped, device):
         global_loss = loss.detach() / world
         dist.all_reduce(global_loss)  # the ranks' shares add up to the global batch's loss
         if rank == 0:
-            print(f"step {step}: loss {global_loss.item():.6f} ({len(batch[1])} images/rank, {world} ranks)", flush=True)
+            print(f"step {step}: loss {global_loss.item():.6f} ({len(batch[1])} images/rank, {world} ranks)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,6 +204,13 @@ def full_gradients(model) -> dict[str, torch.Tensor]:
     return grads
 
 
+def relative_error(grads: dict, reference: dict, names) -> float:
+    """||ours - ref|| / ||ref|| over the gradients of `names` taken together."""
+    ours = torch.cat([grads[n].flatten() for n in names]).double()
+    ref = torch.cat([reference[n].flatten() for n in names]).double()
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
 def module_errors(grads: dict, reference: dict) -> dict[str, float]:
     """Relative gradient error per module (a module's parameters together: `weight` with its `bias`).
 
@@ -213,12 +220,7 @@ def module_errors(grads: dict, reference: dict) -> dict[str, float]:
     modules = {}
     for name in reference:
         modules.setdefault(name.rsplit(".", 1)[0], []).append(name)
-    errors = {}
-    for module, names in modules.items():
-        ours = torch.cat([grads[n].flatten() for n in names]).double()
-        ref = torch.cat([reference[n].flatten() for n in names]).double()
-        errors[module] = ((ours - ref).norm() / ref.norm()).item()
-    return errors
+    return {module: relative_error(grads, reference, names) for module, names in modules.items()}
 
 
 def one_process_step(model, batch, counts, device, bf16: bool):
@@ -270,20 +272,14 @@ def compare(args, reference_model, loss, grads, counts, device) -> bool:
         return passed
     # bf16: errors against the fp32 truth, ours vs the one-process bf16 step's own.
     fp32_loss, fp32_grads = one_process_step(reference_model, batch, counts, device, bf16=False)
-    ours = total_error(grads, fp32_grads)
-    one_process = total_error(ref_grads, fp32_grads)
+    ours = relative_error(grads, fp32_grads, fp32_grads)
+    one_process = relative_error(ref_grads, fp32_grads, fp32_grads)
     loss_ratio = abs(loss - fp32_loss) / max(abs(ref_loss - fp32_loss), 1e-30)
     print(f"check: vs fp32, whole gradient rel err {ours:.2e} distributed, {one_process:.2e} one process "
           f"(ratio {ours / one_process:.3f}); loss err ratio {loss_ratio:.3f}")
     passed = ours <= BF16_RATIO * one_process
     print(f"check: {'PASS' if passed else 'FAIL'} (bf16: gradient error ratio <= {BF16_RATIO})")
     return passed
-
-
-def total_error(grads: dict, reference: dict) -> float:
-    ours = torch.cat([grads[n].flatten() for n in reference]).double()
-    ref = torch.cat([reference[n].flatten() for n in reference]).double()
-    return ((ours - ref).norm() / ref.norm()).item()
 
 
 def main(argv=None) -> int:

@@ -322,7 +322,8 @@ def resized_position_embedding(
 def _position_maps_and_rows(side: int, packed: PackedGrid, mode: str, antialias: bool, device: torch.device):
     """(maps [sum of distinct h*w, side*side] of the batch's distinct shapes, rows [N]: each token's row in them)."""
     if packed.num_tokens == 0:
-        return torch.zeros(0, side * side, dtype=torch.float32, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+        no_maps = torch.zeros(0, side * side, dtype=torch.float32, device=device)  # fp32 like _resize_map's
+        return no_maps, torch.zeros(0, dtype=torch.int64, device=device)
     shapes, shape_of_image = torch.unique(packed.grid_thw[:, 1:], dim=0, return_inverse=True)  # [U, 2], [B]
     maps = torch.cat([_resize_map(side, h, w, mode, antialias, device) for h, w in shapes.tolist()])
     sizes = shapes.prod(1)

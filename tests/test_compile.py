@@ -31,8 +31,8 @@ def outputs_and_gradients(run, model, hidden_states, grid_thw):
     model.zero_grad(set_to_none=True)
     inputs = hidden_states.clone().requires_grad_()
     out = run(inputs, grid_thw)
-    loss = (out.last_hidden_state * torch.linspace(-1, 1, out.last_hidden_state.shape[1])).sum()
-    (loss + out.pooler_output.square().sum()).backward()
+    token_weights = torch.linspace(-1, 1, out.last_hidden_state.shape[1], device=inputs.device)
+    ((out.last_hidden_state * token_weights).sum() + out.pooler_output.square().sum()).backward()
     outputs = [out.last_hidden_state.detach(), out.pooler_output.detach(), inputs.grad]
     return outputs, {name: p.grad for name, p in model.named_parameters()}
 
@@ -77,4 +77,24 @@ def test_inductor_matches_eager():
             assert rel_err(ours.pooler_output, eager.pooler_output) <= FP32_REL_TOL
             if grids is WARM_UP[1]:
                 graphs_after_warm_up = compiles.frame_count
+    assert compiles.frame_count == graphs_after_warm_up, "new grids compiled new graphs"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_bf16_training_on_the_flash_kernel_does_not_recompile_for_new_grids():
+    # bf16 weights on CUDA: the varlen flash kernel (a torch custom op with `max_seqlen` as a Python int), inductor.
+    _, model = siglip2_pair()
+    model = model.cuda().to(torch.bfloat16).train()
+    assert model.attention_backend(torch.device("cuda"), torch.bfloat16) == "varlen_attn"
+    compiles = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=compiles)
+    for i, grids in enumerate(WARM_UP + NEW_GRIDS):
+        hidden_states, grid_thw = random_packed(grids, 48)
+        hidden_states = hidden_states.cuda().to(torch.bfloat16)
+        ours, _ = outputs_and_gradients(compiled, model, hidden_states, grid_thw)
+        eager, _ = outputs_and_gradients(model, model, hidden_states, grid_thw)
+        for a, b in zip(ours, eager, strict=True):  # two bf16 evaluations of the same math
+            assert torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0) >= 0.999
+        if i == len(WARM_UP) - 1:
+            graphs_after_warm_up = compiles.frame_count
     assert compiles.frame_count == graphs_after_warm_up, "new grids compiled new graphs"
