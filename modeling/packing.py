@@ -126,6 +126,10 @@ class PackedGrid:
         return self.frames.index_in_segment % self.per_token(self.frame_widths)
 
 
+# Host-side metadata is built eagerly even under `torch.compile`: it reads `grid_thw`'s values (`.tolist()`,
+# `unique`, `repeat_interleave`), which would otherwise break graphs and guard on every new set of grids. The
+# compiled graphs then only see the tensors it produces (dynamic sizes), so new grids do not recompile.
+@torch.compiler.disable
 def pack_inputs(hidden_states: torch.Tensor, grid_thw, patch_dim: int) -> PackedGrid:
     """Checks a packed batch (DESIGN §9) and returns its metadata. At most one device->host copy (`grid_thw`)."""
     if not isinstance(hidden_states, torch.Tensor):
@@ -210,16 +214,20 @@ def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dt
     return name
 
 
-def _pad(x: torch.Tensor, segments: Segments) -> torch.Tensor:
+@torch.compiler.disable  # host-side, data-dependent shapes: eager under torch.compile (see pack_inputs)
+def _padded_layouts(query_segments: Segments, key_segments: Segments):
+    """Both layouts in one call, so an attention under torch.compile has one graph break, not one per tensor."""
+    return query_segments.padded_layout, key_segments.padded_layout
+
+
+def _pad(x: torch.Tensor, slot: torch.Tensor, segments: Segments) -> torch.Tensor:
     """[T, H, D] packed -> [S, H, L, D] padded with zeros (differentiable)."""
-    slot, _ = segments.padded_layout
     padded = x.new_zeros(segments.num_segments * segments.max_seqlen, *x.shape[1:]).index_copy(0, slot, x)
     return padded.view(segments.num_segments, segments.max_seqlen, *x.shape[1:]).transpose(1, 2)
 
 
-def _unpad(x: torch.Tensor, segments: Segments) -> torch.Tensor:
+def _unpad(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """[S, H, L, D] padded -> [T, H, D] packed."""
-    slot, _ = segments.padded_layout
     return x.transpose(1, 2).flatten(0, 1)[slot]
 
 
@@ -257,9 +265,10 @@ def varlen_attention(
 
     # Pure PyTorch: one padded [segments, heads, max_len, head_dim] batch, padding keys masked out. Every
     # query row sees at least one real key, so no row is fully masked.
-    _, key_valid = key_segments.padded_layout
+    (query_slot, _), (key_slot, key_valid) = _padded_layouts(query_segments, key_segments)
     mask = key_valid[:, None, None, :]  # [S, 1, 1, Lk]
-    q, k, v = _pad(query, query_segments), _pad(key, key_segments), _pad(value, key_segments)
+    q = _pad(query, query_slot, query_segments)
+    k, v = _pad(key, key_slot, key_segments), _pad(value, key_slot, key_segments)
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     elif backend == "eager":
@@ -268,7 +277,7 @@ def varlen_attention(
         out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
     else:
         raise ValueError(f"Unknown attention backend {backend!r}")
-    return _unpad(out, query_segments)
+    return _unpad(out, query_slot)
 
 
 class PackedSelfAttention(nn.Module):
@@ -329,20 +338,30 @@ def resized_position_embedding(
     distinct shapes are applied in one matmul, and every token gathers its row. Same numbers as one
     `F.interpolate` per image up to fp32 rounding, and differentiable in the table.
     """
-    if packed.num_tokens == 0:
-        return table.new_zeros(0, table.shape[1])
-    side = math.isqrt(table.shape[0])
-    frame_shapes = torch.stack([packed.frame_heights, packed.frame_widths], 1)  # [F, 2]
-    shapes, shape_of_frame = torch.unique(frame_shapes, dim=0, return_inverse=True)  # [U, 2], [F]
-    maps = torch.cat([_resize_map(side, h, w, mode, antialias, table.device) for h, w in shapes.tolist()])
-    sizes = shapes.prod(1)
-    first_row_of_frame = (torch.cumsum(sizes, 0) - sizes)[shape_of_frame]  # [F]: where its shape's map starts
-    rows = packed.per_token(first_row_of_frame) + packed.frames.index_in_segment  # [N]
-    # fp32 like the reference on CPU; on GPU the reference resizes in the table's dtype, which we beat.
-    resized = maps @ table.float()  # [sum of distinct h*w, D]
+    maps, rows = _position_maps_and_rows(math.isqrt(table.shape[0]), packed, mode, antialias, table.device)
+    # fp32 like the reference on CPU (autocast off: the reference's F.interpolate is not autocast either); on GPU
+    # the reference resizes in the table's dtype, which we beat.
+    with torch.autocast(table.device.type, enabled=False):
+        resized = maps @ table.float()  # [sum of distinct h*w, D]
     return resized[rows].to(table.dtype)
 
 
+@torch.compiler.disable  # host-side, from grid_thw's values: eager under torch.compile (see pack_inputs)
+def _position_maps_and_rows(side: int, packed: PackedGrid, mode: str, antialias: bool, device: torch.device):
+    """(maps [sum of distinct h*w, side*side] of the batch's distinct shapes, rows [N]: each token's row in them)."""
+    if packed.num_tokens == 0:
+        no_maps = torch.zeros(0, side * side, dtype=torch.float32, device=device)  # fp32 like _resize_map's
+        return no_maps, torch.zeros(0, dtype=torch.int64, device=device)
+    frame_shapes = torch.stack([packed.frame_heights, packed.frame_widths], 1)  # [F, 2]
+    shapes, shape_of_frame = torch.unique(frame_shapes, dim=0, return_inverse=True)  # [U, 2], [F]
+    maps = torch.cat([_resize_map(side, h, w, mode, antialias, device) for h, w in shapes.tolist()])
+    sizes = shapes.prod(1)
+    first_row_of_frame = (torch.cumsum(sizes, 0) - sizes)[shape_of_frame]  # [F]: where its shape's map starts
+    rows = packed.per_token(first_row_of_frame) + packed.frames.index_in_segment  # [N]
+    return maps, rows
+
+
+@torch.compiler.disable  # host-side, no parameters: eager under torch.compile (see pack_inputs)
 def sincos_position_embedding(packed: PackedGrid, dim: int, device, dtype, temperature: float = 10000.0):
     """2-D sin-cos embedding of every token's (row, col), `[sin_w | cos_w | sin_h | cos_h]`, in one gather.
 
@@ -397,6 +416,8 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
 
     def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         requested = getattr(self.config, "_attn_implementation", None)
+        if torch.is_autocast_enabled(device.type):  # fp32 master weights under autocast: attention runs in its dtype
+            dtype = torch.get_autocast_dtype(device.type)
         return resolve_attn_implementation(check_attn_implementation(requested), device, dtype)
 
     def forward(
