@@ -43,7 +43,10 @@ class Aimv2PackingRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(hidden_states, self.weight.shape, self.weight.to(hidden_states.dtype), self.eps)
+        # The output dtype of `weight * normed.to(input dtype)`: fp32 for fp32 (master) weights under autocast,
+        # which keeps the residual stream in fp32 there, as the reference does.
+        dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
+        return F.rms_norm(hidden_states.to(dtype), self.weight.shape, self.weight.to(dtype), self.eps)
 
 
 class Aimv2PackingVisionEmbeddings(nn.Module):
