@@ -14,6 +14,10 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..configuration.configuration_aimv2_packing import Aimv2PackingVisionConfig
+from .conversion_aimv2 import convert_aimv2_config, convert_aimv2_state_dict
+# Remote code on transformers 4.57 copies only the direct relative imports of a local folder's modeling file into
+# its module cache: every module this file needs, even through another, is imported here.
+from .checkpoint_loading import load_pretrained  # noqa: F401
 from .packing import (
     LastHiddenStateModule,
     PackedEncoder,
@@ -146,6 +150,9 @@ class Aimv2PackingPreTrainedModel(PackedVisionPreTrainedModel):
     config_class = Aimv2PackingVisionConfig
     base_model_prefix = "aimv2_packing"
     _no_split_modules = ["Aimv2PackingVisionEmbeddings", "Aimv2PackingEncoderLayer"]
+    # How from_pretrained reads every Aimv2 checkpoint format (DESIGN §4): conversion_aimv2.py
+    convert_checkpoint_config = staticmethod(convert_aimv2_config)
+    convert_checkpoint_state_dict = staticmethod(convert_aimv2_state_dict)
 
     def _init_weights(self, module):
         super()._init_weights(module)

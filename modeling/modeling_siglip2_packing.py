@@ -14,6 +14,10 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..configuration.configuration_siglip2_packing import Siglip2PackingVisionConfig
+from .conversion_siglip2 import convert_siglip2_config, convert_siglip2_state_dict
+# Remote code on transformers 4.57 copies only the direct relative imports of a local folder's modeling file into
+# its module cache: every module this file needs, even through another, is imported here.
+from .checkpoint_loading import load_pretrained  # noqa: F401
 from .packing import (
     LastHiddenStateModule,
     PackedEncoder,
@@ -106,6 +110,9 @@ class Siglip2PackingPreTrainedModel(PackedVisionPreTrainedModel):
     config_class = Siglip2PackingVisionConfig
     base_model_prefix = "siglip2_packing"
     _no_split_modules = ["Siglip2PackingVisionEmbeddings", "Siglip2PackingEncoderLayer"]
+    # How from_pretrained reads every Siglip2 checkpoint format (DESIGN §4): conversion_siglip2.py
+    convert_checkpoint_config = staticmethod(convert_siglip2_config)
+    convert_checkpoint_state_dict = staticmethod(convert_siglip2_state_dict)
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -19,6 +19,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
+from .checkpoint_loading import load_pretrained
+
 # --------------------------------------------------------------------------------------------------------------
 # Packing metadata
 # --------------------------------------------------------------------------------------------------------------
@@ -424,6 +426,11 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
             last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=encoded.hidden_states
         )
         return output if return_dict is not False else output.to_tuple()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Any checkpoint of DESIGN §4 (local folder or Hub id), converted and loaded strictly: checkpoint_loading.py."""
+        return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 class LastHiddenStateModule(nn.Module):
