@@ -32,6 +32,14 @@ TINY_TEXT = dict(
 )  # fmt: skip
 
 
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Moves every parameter off its init (biases and norms included) so no check relies on init values."""
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * scale)
+    return model
+
+
 def save_weights(state_dict: Mapping[str, torch.Tensor], folder) -> None:
     save_file({k: v.contiguous() for k, v in state_dict.items()}, Path(folder) / "model.safetensors", {"format": "pt"})
 
