@@ -27,8 +27,8 @@ from .hub_export import read_source_config, source_processor, tower_for_model_ty
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 DEFAULT_MAX_TOKENS = 16384
-POOLED_BY_HEAD = "pooler_output (the checkpoint's attention-pooling head)"
-POOLED_BY_MEAN = "mean of last_hidden_state over each image's patches (the checkpoint has no head)"
+POOLED_BY_HEAD = "pooler_output of the checkpoint's attention-pooling head"
+POOLED_BY_MEAN = "mean of each image's patch features (last_hidden_state); the checkpoint has no head"
 
 # What reading a broken or non-image file raises in PIL (SyntaxError: some plugins' "broken file" error), and what
 # the processors raise on an image they cannot take.
@@ -173,7 +173,8 @@ class Embeddings:
 
 
 class Progress:
-    """tqdm when it is importable (it comes with huggingface_hub), else a line per forward on stderr."""
+    """tqdm when it is importable (it comes with huggingface_hub), else a line per forward on stderr. Messages go
+    through `write`, so that they do not break the bar."""
 
     def __init__(self, total: int | None, enabled: bool = True):
         self.total, self.done, self.enabled = total, 0, enabled
@@ -191,6 +192,12 @@ class Progress:
         elif self.enabled:
             total = self.total if self.total is not None else "?"
             print(f"{self.done}/{total} images ({skipped} skipped)", file=sys.stderr)
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -210,12 +217,10 @@ def encode_images(
     patch_features: bool = False,
     total: int | None = None,
     progress: bool = True,
-    report_skip: Callable[[str, str], None] | None = None,
 ) -> Embeddings:
     """(name, image) pairs -> `Embeddings`, the images in the order given, less the skipped ones.
 
     `images`: image paths or images the processor takes. `total`: the number of images, for the progress bar.
-    `report_skip(name, why)`: called for each skipped image (default: a line on stderr).
     """
     result = Embeddings()
     bar = Progress(total, enabled=progress)
@@ -223,7 +228,7 @@ def encode_images(
 
     def skip(name: str, why: str) -> None:
         result.skipped.append((name, why))
-        (report_skip or print_skip)(name, why)
+        bar.write(f"skipped {name}: {why}")
         bar.update(1, len(result.skipped))
 
     start = time.perf_counter()
@@ -250,10 +255,6 @@ def encode_images(
         bar.close()
     result.total_seconds = time.perf_counter() - start
     return result
-
-
-def print_skip(name: str, why: str) -> None:
-    print(f"skipped {name}: {why}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------------------
