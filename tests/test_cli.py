@@ -168,6 +168,11 @@ def test_encode_missing_input_is_an_error(checkpoint, tmp_path, capsys):
     assert "No such file or folder" in capsys.readouterr().err
 
 
+def test_encode_refuses_a_model_folder_that_is_not_a_checkpoint(photo_folder, tmp_path, capsys):
+    assert main(["encode", str(photo_folder), "--model", str(tmp_path), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
 def test_find_images_scans_folders_sorted_by_extension_and_takes_named_files(photo_folder):
     found = find_images([photo_folder, photo_folder / "readme.txt"])
     expected = sorted([name for name, _, _ in GOOD_IMAGES] + list(BROKEN_FILES))

@@ -76,7 +76,11 @@ def run_encode(args: argparse.Namespace) -> int:
     if not paths:
         print(f"packed-vit encode: no image files in {' '.join(args.inputs)}", file=sys.stderr)
         return 2
-    model, processor = load_model_and_processor(args.model, args.revision, device, dtype, args.attn_implementation)
+    try:
+        model, processor = load_model_and_processor(args.model, args.revision, device, dtype, args.attn_implementation)
+    except (OSError, ValueError, TypeError) as error:  # not a checkpoint, unknown format, unreachable, bad option
+        print(f"packed-vit encode: cannot load --model {args.model}: {error}", file=sys.stderr)
+        return 2
     embeddings = encode_images(
         model,
         processor,
@@ -92,12 +96,12 @@ def run_encode(args: argparse.Namespace) -> int:
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_embeddings(args.out, embeddings, args.model)
-    images, patches = len(embeddings.names), sum(embeddings.batch_tokens)
+    images, patches, forwards = len(embeddings.names), sum(embeddings.batch_tokens), len(embeddings.batch_sizes)
     print(
-        f"Encoded {images} images ({patches} patches, {len(embeddings.batch_sizes)} forwards of at most "
-        f"{args.max_tokens} patches) in {embeddings.total_seconds:.1f} s ({images / embeddings.total_seconds:.1f} "
-        f"images/s); skipped {skipped} unreadable file{'s' if skipped != 1 else ''}; wrote {args.out} "
-        f"(pooled: {embeddings.pooled_kind})"
+        f"Encoded {images} image{'s' * (images != 1)} ({patches} patches, {forwards} forward{'s' * (forwards != 1)} "
+        f"of at most {args.max_tokens} patches) in {embeddings.total_seconds:.2f} s "
+        f"({images / embeddings.total_seconds:.1f} images/s); skipped {skipped} unreadable file{'s' * (skipped != 1)}; "
+        f"wrote {args.out} (pooled: {embeddings.pooled_kind})"
     )
     return 0
 
