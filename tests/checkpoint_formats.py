@@ -3,33 +3,28 @@ write them: transformers' own `save_pretrained` where transformers makes the for
 written from DESIGN §4's table (conversion_aimv2.APPLE_ORIGINAL_NAMES, read in reverse).
 
 Each writer is `write(ref, ours, folder)`: `ref` the transformers reference tower, `ours` our model holding the same
-weights (its state dict is the canonical one on every transformers version).
+weights (its state dict is the canonical one on every transformers version). The google/siglip2 and Apple original
+writers live in the package (`packed_vit.original_checkpoints`), which the demo uses too.
 """
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from transformers import Aimv2Config, Aimv2Model, Siglip2Config, Siglip2Model
+from transformers import Aimv2Config, Aimv2Model
 
-from packed_vit.modeling.conversion_aimv2 import APPLE_ORIGINAL_NAMES, POSITION_TABLE, compile_name_table, rename_key
+from packed_vit.original_checkpoints import (
+    TINY_TEXT,
+    apple_config,
+    save_config,
+    save_weights,
+    to_apple_original,
+    write_apple_original,
+    write_siglip2_full_model,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_TEXT = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-    pad_token_id=1, bos_token_id=2, eos_token_id=3,
-)  # fmt: skip
-
-
-def save_weights(state_dict, folder):
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, Path(folder) / "model.safetensors", {"format": "pt"})
-
-
-def save_config(config: dict, folder):
-    (Path(folder) / "config.json").write_text(json.dumps(config, indent=2))
 
 
 # ---- transformers' own formats ----------------------------------------------------------------------------------
@@ -81,9 +76,7 @@ def exported_remote_code(ref, ours, folder):
 
 def siglip2_full_model(ref, ours, folder):
     """google/siglip2-*-naflex: a whole `Siglip2Model` (vision + text tower, logit scale and bias)."""
-    full = Siglip2Model(Siglip2Config(vision_config=ref.config.to_dict(), text_config=TINY_TEXT))
-    full.vision_model.load_state_dict(ours.state_dict())
-    full.save_pretrained(folder)
+    write_siglip2_full_model(ref.config, ours.state_dict(), folder)
 
 
 def aimv2_lit_model(ref, ours, folder):
@@ -95,45 +88,10 @@ def aimv2_lit_model(ref, ours, folder):
 
 # ---- Apple's original AIMv2 layout (the pinned revisions) -------------------------------------------------------
 
-CANONICAL_TO_APPLE = compile_name_table({canonical: original for original, canonical in APPLE_ORIGINAL_NAMES.items()})
-SEPARATE_QKV = re.compile(r"(?P<module>encoder\.layers\.\d+\.attention\.)q_proj\.(?P<param>weight|bias)")
-
-
-def to_apple_original(canonical: dict) -> dict:
-    """Canonical AIMv2 tensors -> Apple's original names and shapes: q/k/v fused, the position table (1, N, D)."""
-    state_dict = dict(canonical)
-    for key in list(state_dict):
-        separate = SEPARATE_QKV.fullmatch(key)
-        if separate:
-            module, param = separate["module"], separate["param"]
-            parts = [state_dict.pop(f"{module}{part}_proj.{param}") for part in "qkv"]
-            state_dict[f"{module}qkv.{param}"] = torch.cat(parts)
-    if POSITION_TABLE in state_dict:
-        state_dict[POSITION_TABLE] = state_dict[POSITION_TABLE][None]
-    original = {rename_key(key, CANONICAL_TO_APPLE): tensor for key, tensor in state_dict.items()}
-    unmapped = [key for key in original if not key.startswith(("preprocessor.", "trunk.", "head."))]
-    assert not unmapped, f"DESIGN §4's table does not cover {unmapped}"
-    return original
-
-
-def apple_config(config) -> dict:
-    """Apple's `AIMv2Config` fields for a reference config: flat, `use_bias` for the MLP and projection biases."""
-    return {
-        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
-        "num_channels": config.num_channels, "image_size": config.image_size, "patch_size": config.patch_size,
-        "rms_norm_eps": config.rms_norm_eps, "attention_dropout": 0.0, "projection_dropout": 0.0,
-        "qkv_bias": config.qkv_bias, "use_bias": config.mlp_bias,
-        "model_type": "aimv2", "torch_dtype": "float32", "transformers_version": "4.46.0",
-    }  # fmt: skip
-
 
 def apple_original(ref, ours, folder):
     """apple/aimv2-* original (224/336/448, or native without `pos_embed`): flat config, `preprocessor.*`/`trunk.*`."""
-    config = {**apple_config(ref.config), "architectures": ["AIMv2Model"]}
-    config["auto_map"] = {"AutoConfig": "configuration_aimv2.AIMv2Config", "AutoModel": "modeling_aimv2.AIMv2Model"}
-    save_config(config, folder)
-    save_weights(to_apple_original(ours.state_dict()), folder)
+    write_apple_original(ref.config, ours.state_dict(), folder)
 
 
 def apple_original_lit(ref, ours, folder):

@@ -5,6 +5,8 @@ from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfi
 
 from packed_vit import Aimv2PackingVisionConfig, Siglip2PackingVisionConfig
 from packed_vit.modeling.conversion_siglip2 import convert_siglip2_state_dict
+from packed_vit.demo import patches_to_image  # noqa: F401  (tests import it from here)
+from packed_vit.original_checkpoints import perturb_
 
 FP32_REL_TOL = 1e-5  # DESIGN §7, CPU float32, per image
 
@@ -16,14 +18,6 @@ SMALL_AIMV2 = dict(
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-@torch.no_grad()
-def perturb_(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
-    """Moves every parameter off its init (biases and norms included) so no test relies on init values."""
-    for p in model.parameters():
-        p.add_(torch.randn_like(p) * scale)
-    return model
 
 
 def siglip2_pair(use_head=True, **overrides):
@@ -62,12 +56,6 @@ def frames(hidden_states, grid_thw):
         for _ in range(t):
             yield hidden_states[start : start + h * w], h, w
             start += h * w
-
-
-def patches_to_image(patches: torch.Tensor, h: int, w: int, patch_size: int, channels: int = 3) -> torch.Tensor:
-    """[h*w, p*p*C] (row, col, channel) patches -> [1, C, h*p, w*p] image, for references that take images."""
-    p = patch_size
-    return patches.reshape(h, w, p, p, channels).permute(4, 0, 2, 1, 3).reshape(1, channels, h * p, w * p)
 
 
 def siglip2_reference(ref, hidden_states, grid_thw):

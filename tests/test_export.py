@@ -133,17 +133,18 @@ def test_importing_a_package_instead_of_a_module_is_an_error():
         module_source_file("packed_vit.configuration")
 
 
+def tower_code_files(tower: str) -> list[str]:
+    """The flat code files of a tower: its model and config, the shared core, and the checkpoint loading."""
+    return [f"modeling_{tower}_packing.py", f"configuration_{tower}_packing.py", "packing.py"] + [
+        "checkpoint_loading.py", f"conversion_{tower}.py"
+    ]
+
+
 @pytest.mark.parametrize("tower", ["siglip2", "aimv2"])
 def test_code_files_are_the_import_closure_of_the_tower(tower):
     model_class, config = TOWERS[tower]
     files = flat_code_files([model_class.__module__, type(config).__module__])
-    assert set(files) == {
-        f"modeling_{tower}_packing.py",
-        f"configuration_{tower}_packing.py",
-        "packing.py",
-        "checkpoint_loading.py",
-        f"conversion_{tower}.py",
-    }
+    assert set(files) == set(tower_code_files(tower))
     for name, code in files.items():
         _, imported = flatten_relative_imports(code, f"flat.{name[:-3]}")
         assert all(f"{module.rpartition('.')[2]}.py" in files for module in imported), name
@@ -160,9 +161,8 @@ def test_export_writes_auto_map_flat_code_weights_and_card(exported, tower):
     source, folder = exported[tower]
     model_class, config = TOWERS[tower]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["README.md", "config.json", "model.safetensors", "packing.py", "preprocessor_config.json"]
-        + [f"modeling_{tower}_packing.py", f"configuration_{tower}_packing.py"]
-        + ["checkpoint_loading.py", f"conversion_{tower}.py"]
+        ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+        + tower_code_files(tower)
         + [f"image_processing_{tower}_packing.py", "image_processing_packing.py"]
     )
     processor_config = json.loads((folder / "preprocessor_config.json").read_text())

@@ -229,16 +229,27 @@ def processor_class(tower: Tower) -> type | None:
     return getattr(importlib.import_module(tower.processor_module), tower.processor_class)
 
 
+def make_processor(processor_cls: type, settings: dict, source: str, revision: str | None):
+    """The source's processor settings when it has them, else the class defaults, with the geometry (`settings`)
+    the model's config dictates."""
+    if source_has_file(source, "preprocessor_config.json", revision):
+        return processor_cls.from_pretrained(source, revision=revision, **settings)
+    return processor_cls(**settings)
+
+
+def source_processor(tower: Tower, model_config, source: str, revision: str | None = None):
+    """The packed image processor for checkpoint `source` of `tower` whose (converted) config is `model_config`."""
+    processor_cls = processor_class(tower)
+    if processor_cls is None:
+        raise ValueError(f"packed-vit has no image processor for {tower.name}")
+    return make_processor(processor_cls, tower.processor_settings(model_config), source, revision)
+
+
 def write_processor(
     processor_cls: type, settings: dict, source: str, revision: str | None, folder: Path
 ) -> None:
-    """preprocessor_config.json: the source's processor settings when it has them, else the class defaults,
-    with the geometry (`settings`) the model's config dictates."""
-    if source_has_file(source, "preprocessor_config.json", revision):
-        processor = processor_cls.from_pretrained(source, revision=revision, **settings)
-    else:
-        processor = processor_cls(**settings)
-    processor.save_pretrained(folder)
+    """preprocessor_config.json (`make_processor`'s settings), with `auto_map` for AutoImageProcessor."""
+    make_processor(processor_cls, settings, source, revision).save_pretrained(folder)
     path = folder / "preprocessor_config.json"
     settings = json.loads(path.read_text())
     settings["auto_map"] = {"AutoImageProcessor": flat_reference(processor_cls)}

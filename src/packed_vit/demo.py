@@ -1,0 +1,304 @@
+"""`python -m packed_vit demo`: the main job end to end on an embedded default, with no network.
+
+For each tower, a random-weight checkpoint in its ORIGINAL format (Siglip2: a whole google-style `Siglip2Model`,
+model_type siglip2, `vision_model.*` beside a text tower, with transformers' `Siglip2ImageProcessor` settings;
+AIMv2: Apple's original native layout, `preprocessor.*` / `trunk.*`) goes through push_to_hub's code path
+(`hub_export.export_folder`: flat remote code, verified in a fresh process) into a temporary folder, is loaded back
+with `AutoModel` / `AutoImageProcessor.from_pretrained(..., trust_remote_code=True)`, and encodes scikit-image's
+photos of mixed sizes, packed by a token budget (`encode.encode_images`, what `packed_vit encode` runs).
+
+Each image's embedding is compared with transformers' own tower run on that image alone (fp32, CPU):
+- Siglip2: `Siglip2Model.from_pretrained(original checkpoint).vision_model`, fed by transformers'
+  `Siglip2ImageProcessor` (PIL backend) from the same checkpoint: the pooled outputs (attention-pooling head).
+- AIMv2: `Aimv2VisionModel` holding the weights the Apple-layout checkpoint was written from (transformers cannot
+  read Apple's layout), fed the pixels of our native-resolution processor (transformers has no native-resolution
+  AIMv2 processor): the mean patch features (the native checkpoints have no head).
+The exported folders are loaded and run in a fresh process that imports packed_vit only afterwards, so the code
+that runs is the folders' own (as for a user without packed-vit), not the installed package's.
+The run fails (exit 1) if any cosine similarity is below `MIN_COSINE`, or the reference saw another patch grid.
+
+The towers are small (random weights, a few layers) so that the demo takes well under a minute on a 2-core CPU, with
+the real patch sizes (16, 14) and processor settings, so the images are cut as for the real models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL.Image
+import torch
+from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2Model, Siglip2VisionConfig
+
+from .encode import Embeddings, load_embeddings
+from .hub_export import export_folder
+from .modeling import Aimv2PackingVisionModel, Siglip2PackingVisionModel
+from .original_checkpoints import perturb_, write_apple_original, write_siglip2_full_model
+from .processing import Aimv2PackingImageProcessor
+
+try:  # transformers 5: the PIL backend has its own class (the default one needs torchvision)
+    from transformers import Siglip2ImageProcessorPil as ReferenceSiglip2Processor
+except ImportError:  # transformers 4.57: the slow processor is the PIL one
+    from transformers import Siglip2ImageProcessor as ReferenceSiglip2Processor
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina")
+MIN_COSINE = 0.9999  # per image, fp32
+DEMO_MAX_TOKENS = 2048  # patches per forward: the six photos take several forwards
+SEED = 0
+
+SIGLIP2 = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=3, patch_size=16,
+               num_patches=256, vision_use_head=True)  # fmt: skip
+SIGLIP2_PROCESSOR = dict(patch_size=16, max_num_patches=256)  # google/siglip2-*-patch16-naflex's
+AIMV2 = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=3, patch_size=14,
+             is_native=True, use_head=False)  # fmt: skip
+
+
+def patches_to_image(patches: torch.Tensor, h: int, w: int, patch_size: int, channels: int = 3) -> torch.Tensor:
+    """[h*w, p*p*C] (row, col, channel) patches -> [1, C, h*p, w*p] image, for references that take images."""
+    p = patch_size
+    return patches.reshape(h, w, p, p, channels).permute(4, 0, 2, 1, 3).reshape(1, channels, h * p, w * p)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The two towers: an original checkpoint, and transformers' own tower on one image
+# --------------------------------------------------------------------------------------------------------------
+
+# image -> (transformers' embedding [D], the (h, w) patch grid it saw)
+Reference = Callable[[PIL.Image.Image], tuple[torch.Tensor, tuple[int, int]]]
+
+
+def random_weights(model_class, fields: dict) -> dict[str, torch.Tensor]:
+    """Canonical random weights (transformers' vision-model names on every version: ours), moved off their init."""
+    return perturb_(model_class(model_class.config_class(**fields))).state_dict()
+
+
+def siglip2_original(folder: Path) -> Reference:
+    """A google/siglip2-*-naflex-style checkpoint in `folder`; transformers' tower and processor read from it."""
+    write_siglip2_full_model(Siglip2VisionConfig(**SIGLIP2), random_weights(Siglip2PackingVisionModel, SIGLIP2), folder)
+    ReferenceSiglip2Processor(**SIGLIP2_PROCESSOR).save_pretrained(folder)  # google's repos carry their settings
+    model = Siglip2Model.from_pretrained(folder).vision_model.eval()
+    processor = ReferenceSiglip2Processor.from_pretrained(folder)
+
+    def reference(image):
+        inputs = processor(image, return_tensors="pt")  # padded to max_num_patches, with the mask and shapes
+        # positional: the mask is `pixel_attention_mask` in transformers 5, `attention_mask` in 4.57
+        out = model(inputs["pixel_values"], inputs["pixel_attention_mask"], inputs["spatial_shapes"])
+        return out.pooler_output[0], tuple(inputs["spatial_shapes"][0].tolist())
+
+    return reference
+
+
+def aimv2_original(folder: Path) -> Reference:
+    """An apple/aimv2-*-native checkpoint in Apple's original layout in `folder`; transformers' tower with its
+    weights."""
+    vision = Aimv2VisionConfig(**AIMV2)
+    weights = random_weights(Aimv2PackingVisionModel, AIMV2)
+    write_apple_original(vision, weights, folder)
+    model = Aimv2VisionModel(vision).eval()
+    model.load_state_dict(weights, strict=True)
+    # transformers has no native-resolution AIMv2 processor: the pixels are our processor's, with the settings the
+    # export gives this checkpoint (the class defaults, the checkpoint's geometry).
+    processor = Aimv2PackingImageProcessor(is_native=True, patch_size=vision.patch_size)
+
+    def reference(image):
+        inputs = processor(image, return_tensors="pt")
+        _, h, w = inputs["grid_thw"][0].tolist()
+        pixels = patches_to_image(inputs["pixel_values"], h, w, vision.patch_size)
+        return model(pixel_values=pixels).last_hidden_state[0].mean(0), (h, w)
+
+    return reference
+
+
+@dataclass(frozen=True)
+class DemoTower:
+    key: str
+    name: str
+    checkpoint: str  # what the original checkpoint is, in words
+    write_original: Callable[[Path], Reference]
+    fields: dict
+
+
+TOWERS = (
+    DemoTower("siglip2", "Siglip2", "google-style Siglip2Model (model_type siglip2, vision_model.* + text tower)",
+              siglip2_original, SIGLIP2),
+    DemoTower("aimv2", "AIMv2", "Apple's original layout, native resolution (preprocessor.*, trunk.*)",
+              aimv2_original, AIMV2),
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading the exports as remote code, encoding
+# --------------------------------------------------------------------------------------------------------------
+
+# Runs in a fresh process (`python -I`). The exported folders are loaded BEFORE packed_vit is imported, so that
+# AutoModel / AutoImageProcessor can only use the folders' own code, as for a user without packed-vit (in this
+# process, where importing packed_vit registered its classes, transformers 5 would prefer those). Then the photos go
+# through packed_vit's encoding loop (`encode_images`, what `packed_vit encode` runs) with the remote-code objects.
+_ENCODE_WITH_REMOTE_CODE = r"""
+import json, sys
+import transformers
+
+out_dir, max_tokens, folders = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+loaded = [
+    (transformers.AutoModel.from_pretrained(folder, trust_remote_code=True).eval(),
+     transformers.AutoImageProcessor.from_pretrained(folder, trust_remote_code=True))
+    for folder in folders
+]
+if any(name.split(".")[0] == "packed_vit" for name in sys.modules):
+    sys.exit("packed_vit was imported while the exported folders were loading")
+
+from packed_vit.demo import load_photos
+from packed_vit.encode import encode_images, save_embeddings
+
+photos = load_photos()
+classes = []
+for index, (folder, (model, processor)) in enumerate(zip(folders, loaded)):
+    embeddings = encode_images(model, processor, photos.items(), max_tokens=max_tokens, progress=False)
+    save_embeddings(f"{out_dir}/{index}.safetensors", embeddings, folder)
+    classes.append([f"{type(obj).__module__}.{type(obj).__name__}" for obj in (model, processor)])
+print(json.dumps(classes))
+"""
+
+
+def encode_with_remote_code(folders: list[Path], work: Path) -> list[tuple[Embeddings, list[str]]]:
+    """Each exported folder loaded with AutoModel / AutoImageProcessor (trust_remote_code) in a fresh process, the
+    photos encoded -> [(embeddings, [model class, processor class])]."""
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(work / "modules"),  # a clean copy of the remote code
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    command = [sys.executable, "-I", "-c", _ENCODE_WITH_REMOTE_CODE, str(work), str(DEMO_MAX_TOKENS)]
+    run = subprocess.run(command + [str(f) for f in folders], env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"Loading the exported folders as remote code failed:\n{run.stderr[-4000:]}")
+    classes = json.loads(run.stdout.strip().splitlines()[-1])
+    return [(load_embeddings(work / f"{i}.safetensors"), classes[i]) for i in range(len(folders))]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running and reporting
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).item()
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def load_photos() -> dict[str, PIL.Image.Image]:
+    from skimage import data  # scikit-image: in the test extra, `pip install -e ".[test]"`
+
+    return {name: PIL.Image.fromarray(getattr(data, name)()) for name in PHOTOS}
+
+
+def build_and_export(tower: DemoTower, work: Path) -> tuple[Path, Reference]:
+    """The tower's original checkpoint, exported with push_to_hub's code path -> (exported folder, reference)."""
+    fields = tower.fields
+    print(f"{tower.name}: {tower.checkpoint}, random weights, hidden {fields['hidden_size']}, "
+          f"{fields['num_hidden_layers']} layers, patch {fields['patch_size']}")  # fmt: skip
+    original = work / f"{tower.key}_original"
+    original.mkdir()
+    torch.manual_seed(SEED)
+    reference = tower.write_original(original)
+    start = time.perf_counter()
+    exported, report = export_folder(original, work / f"{tower.key}_export", repo_id=f"demo/{tower.key}")
+    print(f"  exported with push_to_hub's code path in {time.perf_counter() - start:.1f} s, verified in a fresh "
+          f"process ({report.verified_with}): max rel err {report.max_rel_err:.1e}")  # fmt: skip
+    return exported, reference
+
+
+@torch.no_grad()
+def compare(tower: DemoTower, embeddings: Embeddings, classes: list[str], reference: Reference, photos: dict) -> bool:
+    """Prints the tower's table against transformers. True when every image has the reference's grid and a cosine
+    >= MIN_COSINE, and the fresh process ran the exported folder's own code."""
+    print(f"\n{tower.name}, loaded with AutoModel / AutoImageProcessor.from_pretrained(export, trust_remote_code=True) "
+          f"in a fresh process:\n  {classes[0]}\n  {classes[1]}")  # fmt: skip
+    remote_code = all(name.startswith("transformers_modules.") for name in classes)
+    if not remote_code:
+        print("  FAIL: these are not the exported folder's code")
+    if embeddings.skipped or embeddings.names != list(photos):
+        raise RuntimeError(f"The demo photos were not all encoded: {embeddings.names}, skipped {embeddings.skipped}")
+    start = time.perf_counter()
+    references = [reference(image) for image in photos.values()]
+    reference_seconds = time.perf_counter() - start
+
+    print(f"  embedding: {embeddings.pooled_kind}")
+    print(f"  {'image':<18} {'size (HxW)':>11} {'grid (t,h,w)':>14} {'patches':>8} {'cosine vs transformers':>23} "
+          f"{'rel err':>8}")  # fmt: skip
+    passed = remote_code
+    for name, size, grid, pooled, (expected, expected_grid) in zip(
+        embeddings.names, embeddings.sizes, embeddings.grid_thw, torch.cat(embeddings.pooled), references, strict=True
+    ):
+        t, h, w = grid[0].tolist()
+        cos = cosine(pooled, expected)
+        same_grid = (h, w) == expected_grid
+        passed = passed and same_grid and cos >= MIN_COSINE  # a NaN fails too
+        note = "" if same_grid else f"  FAIL: transformers saw grid {expected_grid}"
+        print(f"  {name:<18} {f'{size[0]}x{size[1]}':>11} {f'({t}, {h}, {w})':>14} {t * h * w:>8} {cos:>23.8f} "
+              f"{rel_err(pooled, expected):>8.1e}{note}")  # fmt: skip
+    print_throughput(embeddings, reference_seconds)
+    return passed
+
+
+def print_throughput(embeddings: Embeddings, reference_seconds: float) -> None:
+    images, patches = len(embeddings.names), sum(embeddings.batch_tokens)
+    forwards, seconds = len(embeddings.batch_sizes), embeddings.model_seconds
+    print(
+        f"  packed: {images} images, {patches} patches in {forwards} forward{'s' * (forwards != 1)} of "
+        f"{embeddings.batch_sizes} images (token budget {DEMO_MAX_TOKENS}): model {seconds:.2f} s "
+        f"= {images / seconds:.1f} images/s, {patches / seconds:.0f} patches/s; "
+        f"with reading and preprocessing {embeddings.total_seconds:.2f} s"
+    )
+    print(f"  transformers, image by image (with its preprocessing): {reference_seconds:.2f} s "
+          f"= {images / reference_seconds:.1f} images/s")  # fmt: skip
+
+
+def quiet_libraries() -> None:
+    """The demo prints its own report: no transformers warnings, no progress bars of file writes and loads."""
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def run_demo() -> int:
+    start = time.perf_counter()
+    try:
+        photos = load_photos()
+    except ImportError:
+        print("The demo encodes scikit-image's photos: pip install scikit-image (it is in the test extra: "
+              'pip install -e ".[test]")')  # fmt: skip
+        return 2
+    quiet_libraries()
+    print("packed-vit demo: original-format checkpoints -> push_to_hub export -> AutoModel / AutoImageProcessor "
+          f"(trust_remote_code) -> {len(photos)} scikit-image photos; fp32, CPU, "
+          f"{torch.get_num_threads()} threads\n")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="packed_vit_demo_") as work:
+        work = Path(work)
+        built = [build_and_export(tower, work) for tower in TOWERS]
+        encoded = encode_with_remote_code([exported for exported, _ in built], work)
+        passed = [
+            compare(tower, embeddings, classes, reference, photos)
+            for tower, (_, reference), (embeddings, classes) in zip(TOWERS, built, encoded)
+        ]
+    if all(passed):
+        verdict = f"PASS: every cosine >= {MIN_COSINE}, and both towers ran as the exported remote code"
+    else:
+        verdict = f"FAIL: a cosine < {MIN_COSINE}, or a tower did not run as the exported remote code (see above)"
+    print(f"\n{verdict}\ndemo wall time: {time.perf_counter() - start:.1f} s")
+    return 0 if all(passed) else 1
