@@ -2,8 +2,9 @@
 
 A packed batch is `hidden_states [N, patch_dim]` (the patches of all images, each image row-major, frame-major
 for t > 1) plus `grid_thw [B, 3]` in patches. Everything the layers need to know about the images is derived
-ONCE per forward, on the host, from `grid_thw` (`PackedGrid`), and handed to every layer: the attention kernels
-see only segments (`cu_seqlens`, `max_seqlen`), the position embeddings see only each token's (row, col).
+ONCE per forward from `grid_thw` (`PackedGrid`: sizes on the host, per-token indices built on the device without
+a sync) and handed to every layer: the attention kernels see only segments (`cu_seqlens`, `max_seqlen`), the
+position embeddings see only each token's (row, col).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def pack_inputs(hidden_states: torch.Tensor, grid_thw, patch_dim: int) -> Packed
 # Varlen attention dispatch
 # --------------------------------------------------------------------------------------------------------------
 
-# name -> (what it needs, what to install). "auto" picks the fastest one that needs no extra package.
+# name -> what it needs. "auto" picks the fastest one that needs no extra package.
 ATTENTION_BACKENDS = {
     "varlen_attn": "torch >= 2.10 built with CUDA (torch.nn.attention.varlen.varlen_attn); CUDA fp16/bf16",
     "flash_attention_2": "the flash-attn package: pip install 'packed-vit[flash]'; CUDA fp16/bf16",
