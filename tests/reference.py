@@ -6,6 +6,7 @@ from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfi
 from packed_vit import Aimv2PackingVisionConfig, Siglip2PackingVisionConfig
 from packed_vit.modeling.conversion_siglip2 import convert_siglip2_state_dict
 from packed_vit.demo import patches_to_image  # noqa: F401  (tests import it from here)
+from packed_vit.hub_export import rel_err
 from packed_vit.original_checkpoints import perturb_
 
 FP32_REL_TOL = 1e-5  # DESIGN §7, CPU float32, per image
@@ -14,10 +15,6 @@ SMALL_SIGLIP2 = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, 
 SMALL_AIMV2 = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=32
 )
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def siglip2_pair(use_head=True, **overrides):

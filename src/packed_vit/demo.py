@@ -38,7 +38,7 @@ import torch
 from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2Model, Siglip2VisionConfig
 
 from .encode import Embeddings, load_embeddings
-from .hub_export import export_folder
+from .hub_export import export_folder, rel_err
 from .modeling import Aimv2PackingVisionModel, Siglip2PackingVisionModel
 from .original_checkpoints import perturb_, write_apple_original, write_siglip2_full_model
 from .processing import Aimv2PackingImageProcessor
@@ -192,10 +192,6 @@ def encode_with_remote_code(folders: list[Path], work: Path) -> list[tuple[Embed
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).item()
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def load_photos() -> dict[str, PIL.Image.Image]:

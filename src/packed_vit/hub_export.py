@@ -396,12 +396,14 @@ def verification_grids(config) -> list[tuple[int, int, int]]:
     return [(1, 1, 1), (1, 3, 11), (1, 16, 16), (2, 5, 7), (1, 24, 9)]
 
 
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖ours − ref‖ / ‖ref‖ in float64: the error measure of DESIGN §7."""
+    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 def frame_rel_errs(ours: torch.Tensor, ref: torch.Tensor, frame_lengths: list[int]) -> list[float]:
-    """‖ours − ref‖ / ‖ref‖ per frame (rows grouped by `frame_lengths`), in float64."""
-    return [
-        ((a.double() - b.double()).norm() / b.double().norm()).item()
-        for a, b in zip(ours.split(frame_lengths), ref.split(frame_lengths))
-    ]
+    """`rel_err` per frame (rows grouped by `frame_lengths`)."""
+    return [rel_err(a, b) for a, b in zip(ours.split(frame_lengths), ref.split(frame_lengths))]
 
 
 def verify_folder(folder, reference_model, python: str | None = None, tolerance: float = FP32_REL_TOL) -> dict:
