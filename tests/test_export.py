@@ -234,8 +234,8 @@ def test_learned_positions_without_resize_are_verified_on_their_trained_grid():
 
 
 def test_image_processor_is_exported_with_auto_map_and_loads(tmp_path, monkeypatch):
-    # The real processors live on another branch; a stand-in in its own package exercises the same path,
-    # including a relative import of a helper module.
+    # A stand-in processor in a package of its own: whatever the processor's module imports relatively is
+    # exported flat with it, and the verification loads it with AutoImageProcessor.
     package = tmp_path / "fake_processing"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -249,10 +249,8 @@ def test_image_processor_is_exported_with_auto_map_and_loads(tmp_path, monkeypat
         "        self.patch_size = patch_size\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    siglip2 = replace(
-        hub_export.TOWERS[0], processor_module="fake_processing.image_processing_fake",
-        processor_class="FakePackingImageProcessor",
-    )  # fmt: skip
+    fake = importlib.import_module("fake_processing.image_processing_fake").FakePackingImageProcessor
+    siglip2 = replace(hub_export.TOWERS[0], processor_class=fake)
     monkeypatch.setattr(hub_export, "TOWERS", (siglip2, hub_export.TOWERS[1]))
     source = save_source(*TOWERS["siglip2"], tmp_path / "source")
 

@@ -4,10 +4,10 @@
 writes into a temporary folder next to `output_dir`:
 
 - the tower's code, copied FLAT: the model file, the config file and every module they reach through relative
-  imports (plus the image processor's, when the package has one), each relative import rewritten to the single-dot
+  imports (plus the tower's image processor and its helpers), each relative import rewritten to the single-dot
   `from .x import y`, the only form transformers' remote-code loader follows;
 - `config.json` with `auto_map` (AutoConfig, AutoModel) and `preprocessor_config.json` with
-  `auto_map` (AutoImageProcessor) when there is a processor;
+  `auto_map` (AutoImageProcessor);
 - the weights under their canonical names, `model.safetensors` (sharded with an index when large);
 - `README.md`, the model card: source, revision, usage, and the figure of the verification below;
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib
 import importlib.util
 import json
 import os
@@ -41,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .modeling import Aimv2PackingVisionModel, Siglip2PackingVisionModel
+from .processing import Aimv2PackingImageProcessor, Siglip2PackingImageProcessor
 
 FP32_REL_TOL = 1e-5  # DESIGN §7: the exported folder must reproduce the source model to fp32 rounding
 PACKAGE = __name__.partition(".")[0]  # "packed_vit": what the exported code must never import
@@ -55,8 +55,7 @@ class Tower:
     name: str
     model_class: type
     source_model_types: tuple[str, ...]  # config.json `model_type`s of the checkpoints this tower loads
-    processor_module: str  # may not exist (yet): then the export has no image processor
-    processor_class: str
+    processor_class: type
     processor_settings: Callable  # model config -> the processor settings its geometry dictates
 
 
@@ -77,16 +76,14 @@ TOWERS = (
         "Siglip2",
         Siglip2PackingVisionModel,
         ("siglip2", "siglip2_vision_model", "siglip2_packing_vision"),
-        f"{PACKAGE}.processing.image_processing_siglip2_packing",
-        "Siglip2PackingImageProcessor",
+        Siglip2PackingImageProcessor,
         siglip2_processor_settings,
     ),
     Tower(
         "AIMv2",
         Aimv2PackingVisionModel,
         ("aimv2", "aimv2_vision_model", "aimv2_packing_vision"),
-        f"{PACKAGE}.processing.image_processing_aimv2_packing",
-        "Aimv2PackingImageProcessor",
+        Aimv2PackingImageProcessor,
         aimv2_processor_settings,
     ),
 )
@@ -222,13 +219,6 @@ def write_weights(model, folder: Path, max_shard_size: int | str) -> None:
     )
 
 
-def processor_class(tower: Tower) -> type | None:
-    """The tower's packed image processor class, or None while the package has none."""
-    if importlib.util.find_spec(tower.processor_module) is None:
-        return None
-    return getattr(importlib.import_module(tower.processor_module), tower.processor_class)
-
-
 def make_processor(processor_cls: type, settings: dict, source: str, revision: str | None):
     """The source's processor settings when it has them, else the class defaults, with the geometry (`settings`)
     the model's config dictates."""
@@ -239,10 +229,7 @@ def make_processor(processor_cls: type, settings: dict, source: str, revision: s
 
 def source_processor(tower: Tower, model_config, source: str, revision: str | None = None):
     """The packed image processor for checkpoint `source` of `tower` whose (converted) config is `model_config`."""
-    processor_cls = processor_class(tower)
-    if processor_cls is None:
-        raise ValueError(f"packed-vit has no image processor for {tower.name}")
-    return make_processor(processor_cls, tower.processor_settings(model_config), source, revision)
+    return make_processor(tower.processor_class, tower.processor_settings(model_config), source, revision)
 
 
 def write_processor(
@@ -268,7 +255,7 @@ class ExportReport:
     verified_with: str = ""  # "transformers X, torch Y" of the verification process
 
 
-def write_model_card(folder: Path, report: ExportReport, model, repo_id: str, has_processor: bool) -> None:
+def write_model_card(folder: Path, report: ExportReport, model, repo_id: str) -> None:
     config = model.config
     patch_dim = config.num_channels * config.patch_size**2
     base_model = f"base_model: {report.source}\n" if report.revision else ""  # a Hub source, not a local folder
@@ -316,7 +303,7 @@ The patches of all images are concatenated, each image row-major (frame-major fo
 `(patch_row, patch_col, channel)` as transformers' `Siglip2ImageProcessor` makes them. Each frame is its own
 attention segment. Attention backends (`attn_implementation=`): `"varlen_attn"` (torch's varlen flash kernel,
 CUDA fp16/bf16), `"flash_attention_2"` (the flash-attn package), `"sdpa"` and `"eager"` (pure PyTorch, any device).
-{processor_usage if has_processor else ""}
+{processor_usage}
 ## Source and verification
 
 - Source checkpoint: `{report.source}`, revision `{revision}`.
@@ -510,17 +497,15 @@ def export_folder(
     source_config, commit = read_source_config(source, revision)
     tower = tower_for_model_type(source_config.get("model_type"))
     model = tower.model_class.from_pretrained(source, revision=revision).eval()
-    processor_cls = processor_class(tower)
+    processor_cls = tower.processor_class
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     # Next to the output (same file system, so the final rename is atomic), with a name transformers can turn
     # into a module name while verifying: letters, digits and underscores.
     building = Path(tempfile.mkdtemp(prefix="packed_vit_export_", dir=output_dir.parent))
     try:
-        modules = [type(model).__module__, type(model.config).__module__]
-        if processor_cls is not None:
-            modules.append(processor_cls.__module__)
-            write_processor(processor_cls, tower.processor_settings(model.config), source, revision, building)
+        modules = [type(model).__module__, type(model.config).__module__, processor_cls.__module__]
+        write_processor(processor_cls, tower.processor_settings(model.config), source, revision, building)
         for name, code in flat_code_files(modules).items():
             (building / name).write_text(code)
         write_config(model, building)
@@ -536,7 +521,7 @@ def export_folder(
             grids=verified["grids"],
             verified_with=verified["versions"],
         )
-        write_model_card(building, report, model, repo_id, has_processor=processor_cls is not None)
+        write_model_card(building, report, model, repo_id)
         report.files = sorted(path.name for path in building.iterdir())
         move_into_place(building, output_dir)
     finally:
