@@ -117,14 +117,18 @@ class PackedGrid:
         return _to(self.device, per_frame)[self.frames.token_segment]
 
     @functools.cached_property
+    def _token_widths(self) -> torch.Tensor:
+        return self.per_token(self.frame_widths)  # [N] on device: shared by rows and cols
+
+    @functools.cached_property
     def token_rows(self) -> torch.Tensor:
         """[N] int64 on device: row of each token inside its frame."""
-        return self.frames.index_in_segment // self.per_token(self.frame_widths)
+        return self.frames.index_in_segment // self._token_widths
 
     @functools.cached_property
     def token_cols(self) -> torch.Tensor:
         """[N] int64 on device: column of each token inside its frame."""
-        return self.frames.index_in_segment % self.per_token(self.frame_widths)
+        return self.frames.index_in_segment % self._token_widths
 
 
 # Host-side metadata is built eagerly even under `torch.compile`: it reads `grid_thw`'s values (`.tolist()`,
