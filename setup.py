@@ -22,6 +22,7 @@ setup(
     install_requires=["torch>=2.4", "transformers>=4.57", "safetensors", "huggingface_hub", "numpy", "pillow"],
     extras_require={
         "flash": ["flash-attn>=2.6"],
+        "flash4": ["flash-attn-4>=4.0.0b36"],
         "test": ["pytest", "scikit-image"],
     },
     entry_points={"console_scripts": ["packed-vit=packed_vit.cli:main"]},

@@ -819,7 +819,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workloads", default="W1,W2,W3,W4,W5", help="comma-separated subset of W1..W5")
     parser.add_argument("--no-sweep", action="store_true", help="skip the token-scaling sweep")
     parser.add_argument(
-        "--backend", default="auto", choices=["auto", "varlen_attn", "flash_attention_2", "sdpa", "eager"],
+        "--backend",
+        default="auto",
+        choices=["auto", "varlen_attn", "flash_attention_2", "flash_attention_4", "sdpa", "eager"],
         help="our attn_implementation (auto: varlen_attn on CUDA bf16, sdpa on the CPU)",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, help="timed calls per side (default 10; 2 with --smoke)")

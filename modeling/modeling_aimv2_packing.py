@@ -24,25 +24,29 @@ from .packing import (
     PackedGrid,
     PackedSelfAttention,
     PackedVisionPreTrainedModel,
+    ResidualNorm,
     resized_position_embedding,
     sincos_position_embedding,
     varlen_attention,
 )
 
 
-class Aimv2PackingRMSNorm(nn.Module):
-    """RMSNorm with statistics in fp32, as `Aimv2RMSNorm`, in torch's fused kernel.
+class Aimv2PackingRMSNorm(ResidualNorm):
+    """RMSNorm with statistics in fp32, as `Aimv2RMSNorm`, plus the fused residual add of `ResidualNorm`.
 
     `Aimv2RMSNorm` spells it out in 7 elementwise ops (each a pass over [N, D]); `F.rms_norm` is one pass. Same
     function; in bf16 it rounds once instead of twice (before and after the weight), i.e. no less accurate.
     """
+
+    rms = True
+    bias = None
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def normalize(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # The output dtype of `weight * normed.to(input dtype)`: fp32 for fp32 (master) weights under autocast,
         # which keeps the residual stream in fp32 there, as the reference does.
         dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
@@ -123,8 +127,9 @@ class Aimv2PackingEncoderLayer(GradientCheckpointingLayer):
         self.rms_norm2 = Aimv2PackingRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.rms_norm1(hidden_states), packed, backend)
-        return hidden_states + self.ffn(self.rms_norm2(hidden_states))
+        attention_output = self.attention(self.rms_norm1(hidden_states), packed, backend)
+        hidden_states, normed = self.rms_norm2(hidden_states, residual_delta=attention_output)  # add + norm
+        return hidden_states + self.ffn(normed)
 
 
 class Aimv2PackingAttentionPoolingHead(nn.Module):

@@ -22,6 +22,7 @@ from .packing import (
     LastHiddenStateModule,
     PackedEncoder,
     PackedGrid,
+    PackedLayerNorm,
     PackedSelfAttention,
     PackedVisionPreTrainedModel,
     resized_position_embedding,
@@ -65,16 +66,17 @@ class Siglip2PackingMLP(nn.Module):
 class Siglip2PackingEncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: Siglip2PackingVisionConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = PackedLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = PackedSelfAttention(
             config.hidden_size, config.num_attention_heads, bias=True, attention_dropout=config.attention_dropout
         )
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = PackedLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = Siglip2PackingMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), packed, backend)
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        attention_output = self.self_attn(self.layer_norm1(hidden_states), packed, backend)
+        hidden_states, normed = self.layer_norm2(hidden_states, residual_delta=attention_output)  # add + norm
+        return hidden_states + self.mlp(normed)
 
 
 class Siglip2PackingMultiheadAttentionPoolingHead(nn.Module):
@@ -88,7 +90,7 @@ class Siglip2PackingMultiheadAttentionPoolingHead(nn.Module):
         super().__init__()
         self.probe = nn.Parameter(torch.randn(1, 1, config.hidden_size))
         self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = PackedLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = Siglip2PackingMLP(config)
         self.num_heads = config.num_attention_heads
 
@@ -131,7 +133,7 @@ class Siglip2PackingVisionModel(Siglip2PackingPreTrainedModel):
         super().__init__(config)
         self.embeddings = Siglip2PackingVisionEmbeddings(config)
         self.encoder = PackedEncoder([Siglip2PackingEncoderLayer(config) for _ in range(config.num_hidden_layers)])
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = PackedLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if config.vision_use_head:
             self.head = Siglip2PackingMultiheadAttentionPoolingHead(config)
         self.post_init()

@@ -10,7 +10,7 @@ position embeddings see only each token's (row, col).
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib.metadata
 import math
 from dataclasses import dataclass, field
 
@@ -179,10 +179,25 @@ def pack_inputs(hidden_states: torch.Tensor, grid_thw, patch_dim: int) -> Packed
 ATTENTION_BACKENDS = {
     "varlen_attn": "torch >= 2.10 built with CUDA (torch.nn.attention.varlen.varlen_attn); CUDA fp16/bf16",
     "flash_attention_2": "the flash-attn package: pip install 'packed-vit[flash]'; CUDA fp16/bf16",
+    "flash_attention_4": "the flash-attn-4 package (CuTe DSL, Hopper/Blackwell): pip install 'packed-vit[flash4]'",
     "sdpa": "pure PyTorch, any device and dtype (padded per-frame batch, masked)",
     "eager": "pure PyTorch matmul + fp32 softmax, any device and dtype (the reference math)",
 }
-FLASH_BACKENDS = ("varlen_attn", "flash_attention_2")
+FLASH_BACKENDS = ("varlen_attn", "flash_attention_2", "flash_attention_4")
+# The import that holds each flash-attn package's `flash_attn_varlen_func`.
+FLASH_ATTN_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_4": "flash_attn.cute"}
+
+# flash-attn-4 head dims whose backward matched an fp64 reference (dq, dk, dv) on an H200; see benchmarks/RESULTS.md.
+FA4_BACKWARD_HEAD_DIMS = (64, 96, 128)
+
+
+def _distribution_installed(name: str) -> bool:
+    # By distribution, not by module: flash-attn 2 and 4 both install the `flash_attn` package.
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _torch_varlen_attn():
@@ -201,8 +216,10 @@ def check_attn_implementation(name: str | None) -> str:
         raise ValueError(f"Unknown attn_implementation={name!r}; choose one of 'auto', {', '.join(ATTENTION_BACKENDS)}")
     if name == "varlen_attn" and _torch_varlen_attn() is None:
         raise ValueError(f"attn_implementation='varlen_attn' needs torch >= 2.10; this is torch {torch.__version__}")
-    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+    if name == "flash_attention_2" and not _distribution_installed("flash-attn"):
         raise ValueError("attn_implementation='flash_attention_2' needs flash-attn: pip install 'packed-vit[flash]'")
+    if name == "flash_attention_4" and not _distribution_installed("flash-attn-4"):
+        raise ValueError("attn_implementation='flash_attention_4' needs flash-attn-4: pip install 'packed-vit[flash4]'")
     return name
 
 
@@ -257,16 +274,24 @@ def varlen_attention(
             query_segments.cu_seqlens, key_segments.cu_seqlens,
             query_segments.max_seqlen, key_segments.max_seqlen,
         )  # fmt: skip
-    if backend == "flash_attention_2":
+    if backend == "flash_attention_4" and torch.is_grad_enabled() and query.shape[-1] not in FA4_BACKWARD_HEAD_DIMS:
+        if any(t.requires_grad for t in (query, key, value)):
+            raise ValueError(
+                f"attn_implementation='flash_attention_4' cannot train with head_dim {query.shape[-1]}: flash-attn-4 "
+                f"4.0.0b36's Hopper backward returned a wrong query gradient for head_dim 72 and 80 (checked head dims "
+                f"that match fp64: {FA4_BACKWARD_HEAD_DIMS}). Train with attn_implementation='varlen_attn'."
+            )
+    if backend in FLASH_ATTN_MODULES:
         # Not `from flash_attn import ...`: transformers' remote-code loader (Hub repos) refuses a file that
         # imports, anywhere outside try/except, a package that is not installed, and flash-attn is optional.
-        flash_attn_varlen_func = importlib.import_module("flash_attn").flash_attn_varlen_func
-        return flash_attn_varlen_func(
+        flash_attn_varlen_func = importlib.import_module(FLASH_ATTN_MODULES[backend]).flash_attn_varlen_func
+        out = flash_attn_varlen_func(
             query, key, value,
-            query_segments.cu_seqlens, key_segments.cu_seqlens,
-            query_segments.max_seqlen, key_segments.max_seqlen,
+            cu_seqlens_q=query_segments.cu_seqlens, cu_seqlens_k=key_segments.cu_seqlens,
+            max_seqlen_q=query_segments.max_seqlen, max_seqlen_k=key_segments.max_seqlen,
             softmax_scale=scale,
         )  # fmt: skip
+        return out[0] if isinstance(out, tuple) else out  # flash-attn 4 returns (out, lse)
 
     # Pure PyTorch: one padded [segments, heads, max_len, head_dim] batch, padding keys masked out. Every
     # query row sees at least one real key, so no row is fully masked.
@@ -379,6 +404,113 @@ def sincos_position_embedding(packed: PackedGrid, dim: int, device, dtype, tempe
     angles = torch.arange(max_side, dtype=torch.float64)[:, None] * omega  # [max_side, D/4]
     per_coordinate = _to(device, torch.cat([angles.sin(), angles.cos()], dim=1).to(dtype))  # [max_side, D/2]
     return torch.cat([per_coordinate[packed.token_cols], per_coordinate[packed.token_rows]], dim=1)  # [N, D]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Residual add + norm in one pass (inference on CUDA)
+# --------------------------------------------------------------------------------------------------------------
+# Written by hand because torch has no fused "residual add + LayerNorm/RMSNorm" op, and its LayerNorm kernel moves
+# [N, 1152] bf16 at about a third of an H200's bandwidth (profile in benchmarks/RESULTS.md). One Triton program per
+# token reads the residual and the branch output once and writes both the new residual and its normalization. It
+# rounds where the reference does: the sum to the activation dtype before the statistics (fp32), and for RMSNorm the
+# normalized value to the activation dtype before the weight (`Aimv2RMSNorm`).
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the unfused torch ops run instead
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _add_norm_kernel(
+        x_ptr, delta_ptr, sum_ptr, out_ptr, weight_ptr, bias_ptr, width, eps,
+        HAS_DELTA: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64) * width
+        cols = tl.arange(0, BLOCK)
+        in_row = cols < width
+        x = tl.load(x_ptr + row + cols, mask=in_row, other=0.0)
+        if HAS_DELTA:
+            x = (x.to(tl.float32) + tl.load(delta_ptr + row + cols, mask=in_row, other=0.0).to(tl.float32))
+            x = x.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row + cols, x, mask=in_row)
+        x = x.to(tl.float32)
+        if RMS:
+            normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
+            normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            centered = tl.where(in_row, x - tl.sum(x, axis=0) / width, 0.0)
+            normed = centered * tl.rsqrt(tl.sum(centered * centered, axis=0) / width + eps)
+        out = normed * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row + cols, out.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+# Below this many tokens a forward is bound by the host's kernel launches, not the GPU, and a Triton launch costs
+# the host several times what torch's two kernel launches do (benchmarks/RESULTS.md, token sweep).
+FUSED_ADD_NORM_MIN_TOKENS = 8192
+
+
+def fused_add_norm_applies(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The Triton pass runs for inference on CUDA (no autograd formula) on enough tokens to keep the GPU busy;
+    torch.compile fuses the plain ops itself."""
+    return (
+        triton is not None
+        and hidden_states.is_cuda
+        and hidden_states.shape[0] >= FUSED_ADD_NORM_MIN_TOKENS
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and hidden_states.dim() == 2
+        and hidden_states.dtype == weight.dtype
+    )
+
+
+def fused_add_norm(
+    hidden_states: torch.Tensor,  # [N, D]
+    delta: torch.Tensor | None,  # [N, D] residual branch output, or None for the norm alone
+    weight: torch.Tensor,  # [D]
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (hidden_states + delta, norm of it), both [N, D]
+    hidden_states = hidden_states.contiguous()
+    summed = hidden_states if delta is None else torch.empty_like(hidden_states)
+    out = torch.empty_like(hidden_states)
+    if hidden_states.shape[0]:
+        width = hidden_states.shape[1]
+        _add_norm_kernel[(hidden_states.shape[0],)](
+            hidden_states, hidden_states if delta is None else delta.contiguous(), summed, out, weight,
+            weight if bias is None else bias, width, eps,
+            HAS_DELTA=delta is not None, RMS=rms, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(width),
+        )  # fmt: skip
+    return summed, out
+
+
+class ResidualNorm(nn.Module):
+    """Base of the towers' norms: `norm(x)` normalizes; `norm(x, residual_delta=d)` returns `(x + d, norm(x + d))`,
+    in one fused pass where `fused_add_norm_applies`. Subclasses give `weight`, `bias`, `eps`, `rms` and `normalize`
+    (the plain torch ops, which run everywhere else)."""
+
+    rms: bool
+
+    def forward(self, hidden_states: torch.Tensor, residual_delta: torch.Tensor | None = None):
+        if fused_add_norm_applies(hidden_states, self.weight):
+            summed, out = fused_add_norm(hidden_states, residual_delta, self.weight, self.bias, self.eps, self.rms)
+            return out if residual_delta is None else (summed, out)
+        if residual_delta is None:
+            return self.normalize(hidden_states)
+        hidden_states = hidden_states + residual_delta
+        return hidden_states, self.normalize(hidden_states)
+
+
+class PackedLayerNorm(ResidualNorm, nn.LayerNorm):
+    """`nn.LayerNorm` (same keys and math) with the fused residual add of `ResidualNorm`."""
+
+    rms = False
+    normalize = nn.LayerNorm.forward
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,15 @@ from packed_vit import (
     Siglip2PackingVisionConfig,
     Siglip2PackingVisionModel,
 )
-from packed_vit.modeling.packing import ATTENTION_BACKENDS, check_attn_implementation
+from packed_vit.modeling import packing
+from packed_vit.modeling.packing import (
+    ATTENTION_BACKENDS,
+    FA4_BACKWARD_HEAD_DIMS,
+    Segments,
+    check_attn_implementation,
+    fused_add_norm,
+    varlen_attention,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,6 +34,13 @@ AIMV2_LARGE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2
 # 1x1, elongated, smaller and larger than the 16x16 table, video
 SIGLIP2_GRIDS = [(1, 1, 1), (1, 1, 40), (1, 33, 1), (1, 7, 9), (1, 16, 16), (1, 32, 24), (3, 12, 10), (1, 48, 20)]
 AIMV2_NATIVE_GRIDS = [(1, 1, 1), (1, 1, 30), (1, 27, 1), (1, 9, 13), (2, 16, 16), (1, 40, 24)]
+
+
+@pytest.fixture(autouse=True)
+def fused_norm_at_every_size(monkeypatch):
+    """The towers take the fused add + norm path (Triton) only above a token count; these tests' inputs are
+    smaller, and it is that path they must check."""
+    monkeypatch.setattr(packing, "FUSED_ADD_NORM_MIN_TOKENS", 0)
 
 
 def available_backends():
@@ -135,3 +150,76 @@ def test_grid_on_gpu_matches_grid_on_cpu():
         torch.testing.assert_close(
             model(hidden_states, grid_thw.cuda()).last_hidden_state, model(hidden_states, grid_thw).last_hidden_state
         )
+
+
+# The fused residual add + norm (Triton) against the torch ops it replaces, at the towers' widths and an odd one.
+def reference_norm(summed, weight, bias, eps, rms, exact):
+    """The towers' reference norms as transformers computes them, or (exact) the same math in fp64."""
+    if exact:
+        summed, weight, bias = summed.double(), weight.double(), None if bias is None else bias.double()
+    if rms:  # Aimv2RMSNorm: statistics in fp32, the normalized value rounded to the input dtype before the weight
+        x = summed.double() if exact else summed.float()
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(summed.dtype)
+    return torch.nn.functional.layer_norm(summed, summed.shape[-1:], weight, bias, eps)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("width", [1152, 1024, 100])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_fused_add_norm_matches_torch_ops(rms, dtype, width, with_delta):
+    g = torch.Generator(device="cuda").manual_seed(width)
+    rand = lambda *shape: torch.randn(*shape, device="cuda", generator=g)  # noqa: E731
+    hidden_states = (3 * rand(3001, width) + 1).to(dtype)
+    delta = rand(3001, width).to(dtype) if with_delta else None
+    weight, bias = (1 + 0.5 * rand(width)).to(dtype), (0.5 * rand(width)).to(dtype)
+    bias = None if rms else bias
+    summed, out = fused_add_norm(hidden_states, delta, weight, bias, 1e-6, rms)
+    ref_sum = hidden_states if delta is None else hidden_states + delta
+    assert torch.equal(summed, ref_sum)  # the same rounding of the sum
+    ref64 = reference_norm(ref_sum, weight, bias, 1e-6, rms, exact=True)
+    torch_out = reference_norm(ref_sum, weight, bias, 1e-6, rms, exact=False)
+    ours_err = ((out.double() - ref64).norm() / ref64.norm()).item()
+    torch_err = ((torch_out.double() - ref64).norm() / ref64.norm()).item()
+    assert ours_err <= max(1.1 * torch_err, 1e-6), f"{ours_err:.3e} vs torch's {torch_err:.3e}"
+    empty = hidden_states[:0]
+    assert [t.shape for t in fused_add_norm(empty, empty if with_delta else None, weight, bias, 1e-6, rms)] == [
+        empty.shape, empty.shape
+    ]
+
+
+# flash-attn-4: gradients where it is allowed to train, a clear refusal where its backward was found wrong.
+def fa4_and_varlen_gradient_errors(head_dim):
+    lengths = torch.tensor([1, 37, 300, 129, 64])
+    segments = Segments(lengths, torch.device("cuda"))
+    q, k, v = (torch.randn(int(lengths.sum()), 4, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    grad_out = torch.randn_like(q)
+
+    def grads(backend, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        varlen_attention(*inputs, segments, segments, head_dim**-0.5, backend).backward(grad_out.to(dtype))
+        return [t.grad.double() for t in inputs]
+
+    exact = grads("eager", torch.float64)
+    err = lambda got: max(((a - b).norm() / b.norm()).item() for a, b in zip(got, exact))  # noqa: E731
+    return err(grads("flash_attention_4", torch.bfloat16)), err(grads("varlen_attn", torch.bfloat16))
+
+
+needs_fa4 = pytest.mark.skipif("flash_attention_4" not in available_backends(), reason="needs flash-attn-4")
+
+
+@needs_fa4
+@pytest.mark.parametrize("head_dim", FA4_BACKWARD_HEAD_DIMS)
+def test_flash_attention_4_gradients(head_dim):
+    fa4_err, varlen_err = fa4_and_varlen_gradient_errors(head_dim)
+    assert fa4_err <= BF16_ERROR_RATIO * varlen_err, f"{fa4_err:.3e} vs varlen_attn's {varlen_err:.3e}"
+
+
+@needs_fa4
+def test_flash_attention_4_refuses_training_at_head_dim_72():
+    segments = Segments(torch.tensor([5, 9]), torch.device("cuda"))
+    q = torch.randn(14, 16, 72, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="cannot train with head_dim 72"):
+        varlen_attention(q, q, q, segments, segments, 72**-0.5, "flash_attention_4")
+    with torch.no_grad():  # inference is fine
+        assert varlen_attention(q, q, q, segments, segments, 72**-0.5, "flash_attention_4").shape == q.shape
