@@ -481,11 +481,12 @@ def fused_add_norm(
     out = torch.empty_like(hidden_states)
     if hidden_states.shape[0]:
         width = hidden_states.shape[1]
-        _add_norm_kernel[(hidden_states.shape[0],)](
-            hidden_states, hidden_states if delta is None else delta.contiguous(), summed, out, weight,
-            weight if bias is None else bias, width, eps,
-            HAS_DELTA=delta is not None, RMS=rms, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(width),
-        )  # fmt: skip
+        with torch.cuda.device(hidden_states.device):  # Triton launches on the current device, not the tensors'
+            _add_norm_kernel[(hidden_states.shape[0],)](
+                hidden_states, hidden_states if delta is None else delta.contiguous(), summed, out, weight,
+                weight if bias is None else bias, width, eps,
+                HAS_DELTA=delta is not None, RMS=rms, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(width),
+            )  # fmt: skip
     return summed, out
 
 

@@ -223,3 +223,17 @@ def test_flash_attention_4_refuses_training_at_head_dim_72():
         varlen_attention(q, q, q, segments, segments, 72**-0.5, "flash_attention_4")
     with torch.no_grad():  # inference is fine
         assert varlen_attention(q, q, q, segments, segments, 72**-0.5, "flash_attention_4").shape == q.shape
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fused_add_norm_on_a_gpu_other_than_the_current_one():
+    """Same bits on cuda:1 (not the current device) as on cuda:0: the kernel ran where its tensors live."""
+    shapes = [(100, 1152), (100, 1152), (1152,), (1152,)]  # hidden_states, delta, weight, bias
+    on_gpu0 = [torch.randn(*shape, device="cuda:0").bfloat16() for shape in shapes]
+    on_gpu1 = [t.to("cuda:1") for t in on_gpu0]
+    assert torch.cuda.current_device() == 0
+    expected = fused_add_norm(*on_gpu0, 1e-6, rms=False)
+    got = fused_add_norm(*on_gpu1, 1e-6, rms=False)
+    torch.cuda.synchronize(1)
+    for a, b in zip(got, expected):
+        assert a.device == torch.device("cuda:1") and torch.equal(a.cpu(), b.cpu())
