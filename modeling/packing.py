@@ -285,12 +285,13 @@ def varlen_attention(
         # Not `from flash_attn import ...`: transformers' remote-code loader (Hub repos) refuses a file that
         # imports, anywhere outside try/except, a package that is not installed, and flash-attn is optional.
         flash_attn_varlen_func = importlib.import_module(FLASH_ATTN_MODULES[backend]).flash_attn_varlen_func
-        out = flash_attn_varlen_func(
-            query, key, value,
-            cu_seqlens_q=query_segments.cu_seqlens, cu_seqlens_k=key_segments.cu_seqlens,
-            max_seqlen_q=query_segments.max_seqlen, max_seqlen_k=key_segments.max_seqlen,
-            softmax_scale=scale,
-        )  # fmt: skip
+        with torch.cuda.device(query.device):  # flash-attn-4 launches on the current stream (as Triton does)
+            out = flash_attn_varlen_func(
+                query, key, value,
+                cu_seqlens_q=query_segments.cu_seqlens, cu_seqlens_k=key_segments.cu_seqlens,
+                max_seqlen_q=query_segments.max_seqlen, max_seqlen_k=key_segments.max_seqlen,
+                softmax_scale=scale,
+            )  # fmt: skip
         return out[0] if isinstance(out, tuple) else out  # flash-attn 4 returns (out, lse)
 
     # Pure PyTorch: one padded [segments, heads, max_len, head_dim] batch, padding keys masked out. Every
