@@ -19,6 +19,7 @@ setup(
         "packed_vit.configuration": "configuration",
         "packed_vit.processing": "processing",
     },
+    # transformers: 4.57 (the oldest supported; .ci/run tests it) up to the latest release (the README test command).
     install_requires=["torch>=2.4", "transformers>=4.57", "safetensors", "huggingface_hub", "numpy", "pillow"],
     extras_require={
         "flash": ["flash-attn>=2.6"],

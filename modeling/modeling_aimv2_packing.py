@@ -18,17 +18,11 @@ from .conversion_aimv2 import convert_aimv2_config, convert_aimv2_state_dict
 # Remote code on transformers 4.57 copies only the direct relative imports of a local folder's modeling file into
 # its module cache: every module this file needs, even through another, is imported here.
 from .checkpoint_loading import load_pretrained  # noqa: F401
-from .packing import (
-    LastHiddenStateModule,
-    PackedEncoder,
-    PackedGrid,
-    PackedSelfAttention,
-    PackedVisionPreTrainedModel,
-    ResidualNorm,
-    resized_position_embedding,
-    sincos_position_embedding,
-    varlen_attention,
-)
+from .attention import PackedSelfAttention, varlen_attention
+from .fused_norm import ResidualNorm
+from .packed_model import LastHiddenStateModule, PackedEncoder, PackedVisionPreTrainedModel
+from .packing import PackedGrid
+from .position_embeddings import resized_position_embedding, sincos_position_embedding
 
 
 class Aimv2PackingRMSNorm(ResidualNorm):
@@ -99,7 +93,7 @@ class Aimv2PackingVisionEmbeddings(nn.Module):
                     "to resize the table."
                 )
             mode = "bicubic"  # every grid is the trained one: the resize map is the identity
-        return resized_position_embedding(self.position_embedding.weight, packed, mode, antialias=True)
+        return resized_position_embedding(self.position_embedding.weight, packed, mode)
 
 
 class Aimv2PackingMLP(nn.Module):

@@ -3,7 +3,7 @@
 Reads like transformers' `modeling_siglip2.py` minus padding: embeddings -> encoder layers -> post layernorm ->
 attention-pooling head. Module names are the checkpoint's keys (no `vision_model.` prefix), so a
 `Siglip2VisionModel` state dict loads with `strict=True`. The packing itself (segments, varlen attention,
-position-map resize) lives in `packing.py`.
+position-map resize) lives in the shared modules (`packing.py` and the files it lists).
 """
 
 from __future__ import annotations
@@ -18,16 +18,11 @@ from .conversion_siglip2 import convert_siglip2_config, convert_siglip2_state_di
 # Remote code on transformers 4.57 copies only the direct relative imports of a local folder's modeling file into
 # its module cache: every module this file needs, even through another, is imported here.
 from .checkpoint_loading import load_pretrained  # noqa: F401
-from .packing import (
-    LastHiddenStateModule,
-    PackedEncoder,
-    PackedGrid,
-    PackedLayerNorm,
-    PackedSelfAttention,
-    PackedVisionPreTrainedModel,
-    resized_position_embedding,
-    varlen_attention,
-)
+from .attention import PackedSelfAttention, varlen_attention
+from .fused_norm import PackedLayerNorm
+from .packed_model import LastHiddenStateModule, PackedEncoder, PackedVisionPreTrainedModel
+from .packing import PackedGrid
+from .position_embeddings import resized_position_embedding
 
 
 class Siglip2PackingVisionEmbeddings(nn.Module):
@@ -41,7 +36,7 @@ class Siglip2PackingVisionEmbeddings(nn.Module):
     def forward(self, patches: torch.Tensor, packed: PackedGrid) -> torch.Tensor:
         patch_embeds = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))  # [N, D]
         # transformers resizes with bilinear + antialias, align_corners=False
-        positions = resized_position_embedding(self.position_embedding.weight, packed, "bilinear", antialias=True)
+        positions = resized_position_embedding(self.position_embedding.weight, packed, "bilinear")
         return patch_embeds + positions
 
 

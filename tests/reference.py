@@ -1,7 +1,13 @@
 """Reference side of the tests: transformers' own towers, run frame by frame, on fresh random weights."""
 
+import contextlib
+from unittest import mock
+
 import torch
+import transformers
+from packaging.version import Version
 from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfig, Siglip2VisionModel
+from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
 
 from packed_vit import Aimv2PackingVisionConfig, Siglip2PackingVisionConfig
 from packed_vit.modeling.conversion_siglip2 import convert_siglip2_state_dict
@@ -55,15 +61,63 @@ def frames(hidden_states, grid_thw):
             start += h * w
 
 
+# transformers <= 5.23 resized Siglip2's position table with one `F.interpolate(bilinear, antialias=True)` per image,
+# and torch's CPU antialias kernel gives every row of a width-1 output the weights of row 0 (its CUDA kernel does
+# not). transformers >= 5.24 computes the weights in closed form, as we do. On the older releases, a width-1 frame's
+# reference positions come from `definition_resize_positional_embeddings` instead; everything else in the frame's
+# forward (and backward) is still transformers' own.
+REFERENCE_RESIZE_IS_EXACT = Version(transformers.__version__).release >= (5, 24)
+
+
+def antialiased_bilinear_weights_by_definition(in_size: int, out_size: int) -> torch.Tensor:
+    """[out, in] float64, written out from the definition of an antialiased bilinear resize (align_corners=False).
+
+    Output pixel i spans input coordinates [i * s, (i + 1) * s], s = in / out, centred at c = (i + 0.5) * s. The
+    triangle filter, widened by the scale factor when shrinking (width max(s, 1)), weighs input pixel j by its
+    centre's distance to c: max(0, 1 - |j + 0.5 - c| / max(s, 1)). The weights of an output pixel sum to 1.
+    """
+    scale = in_size / out_size
+    width = max(scale, 1.0)
+    weights = []
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        row = [max(0.0, 1.0 - abs(j + 0.5 - center) / width) for j in range(in_size)]
+        weights.append([w / sum(row) for w in row])
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+def definition_resize_positional_embeddings(positional_embeddings, spatial_shapes, max_length):
+    """Drop-in for `Siglip2VisionEmbeddings.resize_positional_embeddings` (one image, no padding) by the definition."""
+    (height, width), = spatial_shapes.tolist()
+    assert height * width == max_length
+    side, _, dim = positional_embeddings.shape
+    rows = antialiased_bilinear_weights_by_definition(side, height)  # [h, side]
+    cols = antialiased_bilinear_weights_by_definition(side, width)  # [w, side]
+    table = positional_embeddings.float()
+    # resized[i, j] = sum_ab rows[i, a] * cols[j, b] * table[a, b]
+    resized = torch.einsum("ia,jb,abd->ijd", rows.float(), cols.float(), table)
+    return resized.reshape(1, height * width, dim).to(positional_embeddings.dtype)
+
+
+def reference_positions_for(height: int, width: int):
+    """Context for one reference frame: transformers' own resize, except width-1 frames on transformers <= 5.23."""
+    if REFERENCE_RESIZE_IS_EXACT or width != 1:
+        return contextlib.nullcontext()
+    return mock.patch.object(
+        Siglip2VisionEmbeddings, "resize_positional_embeddings", staticmethod(definition_resize_positional_embeddings)
+    )
+
+
 def siglip2_reference(ref, hidden_states, grid_thw):
     """Runs transformers' Siglip2VisionModel on each frame alone: lists of last_hidden_state and pooler_output."""
     last, pooled = [], []
     for patches, h, w in frames(hidden_states, grid_thw):
-        out = ref(
-            pixel_values=patches[None],
-            pixel_attention_mask=torch.ones(1, h * w, dtype=torch.long, device=patches.device),
-            spatial_shapes=torch.tensor([[h, w]], device=patches.device),
-        )
+        with reference_positions_for(h, w):
+            out = ref(
+                pixel_values=patches[None],
+                pixel_attention_mask=torch.ones(1, h * w, dtype=torch.long, device=patches.device),
+                spatial_shapes=torch.tensor([[h, w]], device=patches.device),
+            )
         last.append(out.last_hidden_state[0])
         pooled.append(None if out.pooler_output is None else out.pooler_output[0])
     return last, pooled

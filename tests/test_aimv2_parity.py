@@ -33,7 +33,8 @@ def test_bias_flags():
 
 def test_sincos_layout_is_width_first():
     # [sin_w | cos_w | sin_h | cos_h]: in a 1-row image only the first half varies along the row.
-    from packed_vit.modeling.packing import PackedGrid, sincos_position_embedding
+    from packed_vit.modeling.packing import PackedGrid
+    from packed_vit.modeling.position_embeddings import sincos_position_embedding
 
     packed = PackedGrid.from_grid_thw(torch.tensor([[1, 1, 5]]), torch.device("cpu"))
     pos = sincos_position_embedding(packed, 16, "cpu", torch.float64)

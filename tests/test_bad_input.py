@@ -66,7 +66,7 @@ def test_unknown_backend_is_refused():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of a CUDA-only kernel")
 @pytest.mark.parametrize("backend", ["varlen_attn", "flash_attention_2"])
 def test_flash_backend_on_cpu_says_so(model, backend):
-    from packed_vit.modeling.packing import check_attn_implementation
+    from packed_vit.modeling.attention import check_attn_implementation
 
     hidden_states, grid_thw = random_packed([(1, 2, 3)], patch_dim(model))
     try:

@@ -6,6 +6,7 @@ bf16 error on the same input (ratio <= 1.1), and every frame's cosine similarity
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import aimv2_reference, perturb_, random_packed, rel_err, siglip2_reference, split_frames
 from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfig, Siglip2VisionModel
 
@@ -15,15 +16,16 @@ from packed_vit import (
     Siglip2PackingVisionConfig,
     Siglip2PackingVisionModel,
 )
-from packed_vit.modeling import packing
-from packed_vit.modeling.packing import (
+from packed_vit.modeling import fused_norm
+from packed_vit.modeling.attention import (
     ATTENTION_BACKENDS,
     FA4_BACKWARD_HEAD_DIMS,
-    Segments,
     check_attn_implementation,
-    fused_add_norm,
     varlen_attention,
 )
+from packed_vit.modeling.fused_norm import fused_add_norm
+from packed_vit.modeling.packing import Segments
+from packed_vit.modeling.position_embeddings import _resize_map
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -40,7 +42,7 @@ AIMV2_NATIVE_GRIDS = [(1, 1, 1), (1, 1, 30), (1, 27, 1), (1, 9, 13), (2, 16, 16)
 def fused_norm_at_every_size(monkeypatch):
     """The towers take the fused add + norm path (Triton) only above a token count; these tests' inputs are
     smaller, and it is that path they must check."""
-    monkeypatch.setattr(packing, "FUSED_ADD_NORM_MIN_TOKENS", 0)
+    monkeypatch.setattr(fused_norm, "FUSED_ADD_NORM_MIN_TOKENS", 0)
 
 
 def available_backends():
@@ -161,6 +163,21 @@ def reference_norm(summed, weight, bias, eps, rms, exact):
         x = summed.double() if exact else summed.float()
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(summed.dtype)
     return torch.nn.functional.layer_norm(summed, summed.shape[-1:], weight, bias, eps)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_position_maps_equal_torch_cuda_interpolate_and_the_cpu_maps(mode):
+    # torch's CUDA antialias kernel has no width-1 defect (its CPU kernel has): there it is the truth for every
+    # shape, and our maps, built on the host in closed form, must equal it and be the same on both devices.
+    side, dim = 16, 32
+    table = torch.randn(side * side, dim, device="cuda")
+    for height, width in [(1, 1), (19, 1), (29, 1), (5, 1), (1, 23), (7, 9), (16, 16), (40, 24), (3, 64)]:
+        expected = F.interpolate(
+            table.T.reshape(1, dim, side, side), size=(height, width), mode=mode, align_corners=False, antialias=True
+        )[0].flatten(1).T
+        cuda_map = _resize_map(side, height, width, mode, torch.device("cuda"))
+        assert rel_err(cuda_map @ table, expected) <= 1e-5, (height, width)
+        assert torch.equal(cuda_map.cpu(), _resize_map(side, height, width, mode, torch.device("cpu")))
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])

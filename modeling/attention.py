@@ -1,0 +1,178 @@
+"""Variable-length attention over the segments of a packed sequence, one call for every backend.
+
+Backends (`attn_implementation=`): torch's built-in varlen flash kernel, the flash-attn packages (optional extras),
+and a pure-PyTorch path for any device and dtype, the reference. A segment attends only to itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import PackedGrid, Segments
+
+# name -> what it needs. "auto" picks the fastest one that needs no extra package.
+ATTENTION_BACKENDS = {
+    "varlen_attn": "torch >= 2.10 built with CUDA (torch.nn.attention.varlen.varlen_attn); CUDA fp16/bf16",
+    "flash_attention_2": "the flash-attn package: pip install 'packed-vit[flash]'; CUDA fp16/bf16",
+    "flash_attention_4": "the flash-attn-4 package (CuTe DSL, Hopper/Blackwell): pip install 'packed-vit[flash4]'",
+    "sdpa": "pure PyTorch, any device and dtype (padded per-frame batch, masked)",
+    "eager": "pure PyTorch matmul + fp32 softmax, any device and dtype (the reference math)",
+}
+FLASH_BACKENDS = ("varlen_attn", "flash_attention_2", "flash_attention_4")
+# The import that holds each flash-attn package's `flash_attn_varlen_func`.
+FLASH_ATTN_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_4": "flash_attn.cute"}
+
+# flash-attn-4 head dims whose backward matched an fp64 reference (dq, dk, dv) on an H200; see benchmarks/RESULTS.md.
+FA4_BACKWARD_HEAD_DIMS = (64, 96, 128)
+
+
+def _distribution_installed(name: str) -> bool:
+    # By distribution, not by module: flash-attn 2 and 4 both install the `flash_attn` package.
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _torch_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def check_attn_implementation(name: str | None) -> str:
+    """Validates a requested backend name at construction time; returns it ("auto" when none was asked)."""
+    if name is None or name == "auto":
+        return "auto"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"Unknown attn_implementation={name!r}; choose one of 'auto', {', '.join(ATTENTION_BACKENDS)}")
+    if name == "varlen_attn" and _torch_varlen_attn() is None:
+        raise ValueError(f"attn_implementation='varlen_attn' needs torch >= 2.10; this is torch {torch.__version__}")
+    if name == "flash_attention_2" and not _distribution_installed("flash-attn"):
+        raise ValueError("attn_implementation='flash_attention_2' needs flash-attn: pip install 'packed-vit[flash]'")
+    if name == "flash_attention_4" and not _distribution_installed("flash-attn-4"):
+        raise ValueError("attn_implementation='flash_attention_4' needs flash-attn-4: pip install 'packed-vit[flash4]'")
+    return name
+
+
+def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend a forward on (device, dtype) will use; a requested one that cannot run there is an error."""
+    runs_flash = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if name == "auto":
+        return "varlen_attn" if runs_flash and _torch_varlen_attn() is not None else "sdpa"
+    if name in FLASH_BACKENDS and not runs_flash:
+        raise ValueError(
+            f"attn_implementation={name!r} runs on CUDA fp16/bf16 only, got {device.type} {dtype}: cast the model "
+            "(model.to(torch.bfloat16)) or choose attn_implementation='sdpa'"
+        )
+    return name
+
+
+@torch.compiler.disable  # host-side, data-dependent shapes: eager under torch.compile (see pack_inputs)
+def _padded_layouts(query_segments: Segments, key_segments: Segments):
+    """Both layouts in one call, so an attention under torch.compile has one graph break, not one per tensor."""
+    return query_segments.padded_layout, key_segments.padded_layout
+
+
+def _pad(x: torch.Tensor, slot: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """[T, H, D] packed -> [S, H, L, D] padded with zeros (differentiable)."""
+    padded = x.new_zeros(segments.num_segments * segments.max_seqlen, *x.shape[1:]).index_copy(0, slot, x)
+    return padded.view(segments.num_segments, segments.max_seqlen, *x.shape[1:]).transpose(1, 2)
+
+
+def _unpad(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """[S, H, L, D] padded -> [T, H, D] packed."""
+    return x.transpose(1, 2).flatten(0, 1)[slot]
+
+
+def varlen_attention(
+    query: torch.Tensor,  # [Tq, H, D]
+    key: torch.Tensor,  # [Tk, H, D]
+    value: torch.Tensor,  # [Tk, H, D]
+    query_segments: Segments,
+    key_segments: Segments,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:  # [Tq, H, D]
+    """Attention of each query segment over the key segment of the same index, nothing across segments."""
+    if query.shape[0] == 0 or key_segments.num_segments == 0:
+        return query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
+    if backend == "varlen_attn":
+        # torch 2.10 has no `scale=`: the 7 positional args run on 2.10 and 2.11+; the default scale is ours.
+        if not math.isclose(scale, query.shape[-1] ** -0.5):
+            query = query * (scale * query.shape[-1] ** 0.5)
+        return _torch_varlen_attn()(
+            query, key, value,
+            query_segments.cu_seqlens, key_segments.cu_seqlens,
+            query_segments.max_seqlen, key_segments.max_seqlen,
+        )  # fmt: skip
+    if backend == "flash_attention_4" and torch.is_grad_enabled() and query.shape[-1] not in FA4_BACKWARD_HEAD_DIMS:
+        if any(t.requires_grad for t in (query, key, value)):
+            raise ValueError(
+                f"attn_implementation='flash_attention_4' cannot train with head_dim {query.shape[-1]}: flash-attn-4 "
+                f"4.0.0b36's Hopper backward returned a wrong query gradient for head_dim 72 and 80 (checked head dims "
+                f"that match fp64: {FA4_BACKWARD_HEAD_DIMS}). Train with attn_implementation='varlen_attn'."
+            )
+    if backend in FLASH_ATTN_MODULES:
+        # Not `from flash_attn import ...`: transformers' remote-code loader (Hub repos) refuses a file that
+        # imports, anywhere outside try/except, a package that is not installed, and flash-attn is optional.
+        flash_attn_varlen_func = importlib.import_module(FLASH_ATTN_MODULES[backend]).flash_attn_varlen_func
+        with torch.cuda.device(query.device):  # flash-attn-4 launches on the current stream (as Triton does)
+            out = flash_attn_varlen_func(
+                query, key, value,
+                cu_seqlens_q=query_segments.cu_seqlens, cu_seqlens_k=key_segments.cu_seqlens,
+                max_seqlen_q=query_segments.max_seqlen, max_seqlen_k=key_segments.max_seqlen,
+                softmax_scale=scale,
+            )  # fmt: skip
+        return out[0] if isinstance(out, tuple) else out  # flash-attn 4 returns (out, lse)
+
+    # Pure PyTorch: one padded [segments, heads, max_len, head_dim] batch, padding keys masked out. Every
+    # query row sees at least one real key, so no row is fully masked.
+    (query_slot, _), (key_slot, key_valid) = _padded_layouts(query_segments, key_segments)
+    mask = key_valid[:, None, None, :]  # [S, 1, 1, Lk]
+    q = _pad(query, query_slot, query_segments)
+    k, v = _pad(key, key_slot, key_segments), _pad(value, key_slot, key_segments)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    elif backend == "eager":
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    else:
+        raise ValueError(f"Unknown attention backend {backend!r}")
+    return _unpad(out, query_slot)
+
+
+class PackedSelfAttention(nn.Module):
+    """Multi-head self-attention over the frames of a packed sequence. Keys: `{q,k,v,out}_proj` (both towers)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, bias: bool, attention_dropout: float):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
+        if attention_dropout:
+            raise ValueError("attention_dropout > 0 is not supported by the packed attention kernels")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.out_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+
+    def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
+        heads = (hidden_states.shape[0], self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(heads)  # [N, H, Dh]
+        key = self.k_proj(hidden_states).view(heads)
+        value = self.v_proj(hidden_states).view(heads)
+        out = varlen_attention(query, key, value, packed.frames, packed.frames, self.scale, backend)
+        return self.out_proj(out.reshape(hidden_states.shape))  # [N, D]

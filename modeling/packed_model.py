@@ -1,0 +1,100 @@
+"""What both packed towers are made of around their layers: the encoder stack, the `PreTrainedModel` base with
+the packed forward and attention-backend selection, and the seed-compatible wrapper."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+
+from .attention import check_attn_implementation, resolve_attn_implementation
+from .checkpoint_loading import load_pretrained
+from .packing import PackedGrid, pack_inputs
+
+class PackedEncoder(nn.Module):
+    """The stack of encoder layers, all run on the same per-forward `packed` metadata (key prefix `layers.N`)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, hidden_states, packed: PackedGrid, backend: str, output_hidden_states: bool = False):
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, packed=packed, backend=backend)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+
+
+class PackedVisionPreTrainedModel(PreTrainedModel):
+    """Base of both towers: the packed forward, and attention-backend selection.
+
+    A tower defines `embeddings(patches, packed)`, `encoder` (a `PackedEncoder`), `final_norm` and, when the
+    checkpoint has one, `head(last_hidden_state, packed, backend)`.
+    """
+
+    main_input_name = "hidden_states"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        # Our backends are our own (varlen kernels on packed tokens), not transformers' per-model attention
+        # interfaces, so we validate the names ourselves, on every transformers version.
+        return check_attn_implementation(attn_implementation)
+
+    def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        requested = getattr(self.config, "_attn_implementation", None)
+        if torch.is_autocast_enabled(device.type):  # fp32 master weights under autocast: attention runs in its dtype
+            dtype = torch.get_autocast_dtype(device.type)
+        return resolve_attn_implementation(check_attn_implementation(requested), device, dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor | None = None,  # [N, p*p*C] patches, (row, col, channel) each
+        grid_thw: torch.Tensor | None = None,  # [B, 3] (t, h, w) in patches
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        pixel_values: torch.Tensor | None = None,  # the image processors' name for `hidden_states`
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """-> last_hidden_state [N, D]; pooler_output [num_frames, D] (None without head); hidden_states."""
+        patches = hidden_states if hidden_states is not None else pixel_values
+        config = self.config
+        packed = pack_inputs(patches, grid_thw, config.num_channels * config.patch_size**2)
+        backend = self.attention_backend(patches.device, self.get_input_embeddings().weight.dtype)
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+
+        embeddings = self.embeddings(patches, packed)  # [N, D]
+        encoded = self.encoder(embeddings, packed, backend, output_hidden_states)
+        last_hidden_state = self.final_norm(encoded.last_hidden_state)
+        head = getattr(self, "head", None)
+        pooler_output = head(last_hidden_state, packed, backend) if head is not None else None  # [F, D]
+
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=encoded.hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Any checkpoint of DESIGN §4 (local folder or Hub id), converted and loaded strictly: checkpoint_loading.py."""
+        return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+class LastHiddenStateModule(nn.Module):
+    """Seed-compatible wrapper: `Cls(ckpt=..., device=...)`, `forward(hidden_states, grid_thw) -> last_hidden_state`."""
+
+    model_class: type[PreTrainedModel]
+
+    def __init__(self, ckpt: str, device="cpu", dtype: torch.dtype | None = None, **from_pretrained_kwargs):
+        super().__init__()
+        if dtype is not None:
+            from_pretrained_kwargs["dtype"] = dtype
+        self.model = self.model_class.from_pretrained(ckpt, **from_pretrained_kwargs).to(device).eval()
+
+    def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return self.model(hidden_states, grid_thw).last_hidden_state
