@@ -64,7 +64,7 @@ def frames(hidden_states, grid_thw):
 # transformers <= 5.23 resized Siglip2's position table with one `F.interpolate(bilinear, antialias=True)` per image,
 # and torch's CPU antialias kernel gives every row of a width-1 output the weights of row 0 (its CUDA kernel does
 # not). transformers >= 5.24 computes the weights in closed form, as we do. On the older releases, a width-1 frame's
-# reference positions come from `definition_resize_positional_embeddings` instead; everything else in the frame's
+# CPU reference positions come from `definition_resize_positional_embeddings` instead; everything else in the frame's
 # forward (and backward) is still transformers' own.
 REFERENCE_RESIZE_IS_EXACT = Version(transformers.__version__).release >= (5, 24)
 
@@ -99,9 +99,9 @@ def definition_resize_positional_embeddings(positional_embeddings, spatial_shape
     return resized.reshape(1, height * width, dim).to(positional_embeddings.dtype)
 
 
-def reference_positions_for(height: int, width: int):
-    """Context for one reference frame: transformers' own resize, except width-1 frames on transformers <= 5.23."""
-    if REFERENCE_RESIZE_IS_EXACT or width != 1:
+def reference_positions_for(height: int, width: int, device: torch.device):
+    """Context for one reference frame: transformers' own resize, except CPU width-1 frames on transformers <= 5.23."""
+    if REFERENCE_RESIZE_IS_EXACT or width != 1 or device.type != "cpu":
         return contextlib.nullcontext()
     return mock.patch.object(
         Siglip2VisionEmbeddings, "resize_positional_embeddings", staticmethod(definition_resize_positional_embeddings)
@@ -112,7 +112,7 @@ def siglip2_reference(ref, hidden_states, grid_thw):
     """Runs transformers' Siglip2VisionModel on each frame alone: lists of last_hidden_state and pooler_output."""
     last, pooled = [], []
     for patches, h, w in frames(hidden_states, grid_thw):
-        with reference_positions_for(h, w):
+        with reference_positions_for(h, w, patches.device):
             out = ref(
                 pixel_values=patches[None],
                 pixel_attention_mask=torch.ones(1, h * w, dtype=torch.long, device=patches.device),
