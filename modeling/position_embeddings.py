@@ -65,7 +65,7 @@ def _resize_map(side: int, height: int, width: int, mode: str, device: torch.dev
     """
     rows = antialiased_resize_weights(side, height, mode)  # [h, side]
     cols = antialiased_resize_weights(side, width, mode)  # [w, side]
-    return torch.kron(rows, cols).to(device, torch.float32)
+    return host_to_device(device, torch.kron(rows, cols).float())  # queued: no host sync
 
 
 def resized_position_embedding(
