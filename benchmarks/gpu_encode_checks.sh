@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The encode job's GPU checks and benchmark in one device call (issue 13/14). Run from the repository root:
+#   bash benchmarks/gpu_encode_checks.sh OUT_DIR
+set -uo pipefail
+out=${1:-/tmp/gpu_encode}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+python -m pip install -q --no-deps --no-build-isolation -e . > "$out/pip.log" 2>&1 || echo "pip install failed"
+python -c "import packed_vit, torchvision; print('packed_vit', packed_vit.__file__, 'torchvision', torchvision.__version__)"
+# CUDA tests of the encode job (GPU preprocessing vs transformers' torchvision backend; 2 ranks on one GPU)
+timeout 150 python -m pytest -q -x tests/test_encode_gpu.py 2>&1 | tail -15 | tee "$out/pytest_gpu.log"
+timeout 380 python benchmarks/bench_encode.py --work /tmp/bench_encode --out "$out/results_encode.json" 2>&1 | tee "$out/bench.log" | tail -40
