@@ -102,8 +102,8 @@ def run_cli(corpus: Path, checkpoint: Path, out: Path, preprocess: str) -> dict:
         raise RuntimeError(run.stderr[-3000:])
     line = run.stdout.strip().splitlines()[-1]
     main_kib, worker_kib = map(int, re.search(r"peak_rss_kib (\d+) (\d+)", run.stderr).groups())
-    startup = float(re.search(r"Start-up \(process start to first results\) ([\d.]+) s", line).group(1))
-    steady = float(re.search(r"\(([\d.]+) images/s from the first results on", line).group(1))
+    startup = float(re.search(r"Start-up \(process start to first forward\) ([\d.]+) s", line).group(1))
+    steady = float(re.search(r"\(([\d.]+) images/s from the first forward on", line).group(1))
     images = int(re.search(r"Encoded (\d+) image", line).group(1))
     return {"command": "python -m packed_vit " + " ".join(arguments), "wall_seconds": wall, "images": images, "images_per_s": images / wall,
             "images_per_s_after_startup": steady, "startup_seconds": startup,

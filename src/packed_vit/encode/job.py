@@ -259,7 +259,7 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
         results = encoded_results(model, processor, parts_source(todo), options.max_tokens, options.patch_features,
                                   workers, preprocess, group_of)  # fmt: skip
         for result in results:
-            first_forward = first_forward or time.time()
+            first_forward = first_forward or result.launched_at
             if writer is not None:
                 writer.add(result)
             else:
@@ -304,9 +304,9 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
     steady = finished - (summary["startup_seconds"] + started)
     print(
         f"Encoded {images} image{'s' * (images != 1)} in {seconds:.2f} s ({images / max(steady, 1e-9):.1f} images/s "
-        "from the first results on"
+        "from the first forward on"
         f"{f', {world_size} ranks' if world_size > 1 else ''}); skipped {skipped} unreadable file"
-        f"{'s' * (skipped != 1)}; wrote {where}. Start-up (process start to first results) "
+        f"{'s' * (skipped != 1)}; wrote {where}. Start-up (process start to first forward) "
         f"{summary['startup_seconds']:.2f} s, of which model load {summary['load_seconds']:.2f} s"
         + (f"; {forwards} forward{'s' * (forwards != 1)} of at most {options.max_tokens} patches" if forwards else "")
     )

@@ -249,6 +249,7 @@ class ForwardResult:
     patch_features: torch.Tensor | None  # [patches, D] float32, CPU
     pooled_by_head: bool | None
     model_seconds: float
+    launched_at: float  # wall clock when its forward was queued
 
     @property
     def images(self) -> list[Entry]:
@@ -266,7 +267,7 @@ class InFlight:
         self.group, self.entries = group, entries
         images = [entry for entry in entries if entry.kind != "skip"]
         self.pooled = self.features = self.by_head = None
-        self.start = time.perf_counter()
+        self.start, self.launched_at = time.perf_counter(), time.time()
         self.done_event = None
         if not images:
             return
@@ -298,7 +299,7 @@ class InFlight:
         else:
             seconds = time.perf_counter() - self.start
         pooled = self.pooled if self.pooled is not None else torch.zeros(0, 0)
-        return ForwardResult(self.group, self.entries, pooled, self.features, self.by_head, seconds)
+        return ForwardResult(self.group, self.entries, pooled, self.features, self.by_head, seconds, self.launched_at)
 
 
 def entries_on_device(chunks: Iterable[Chunk], device: torch.device, options: dict | None, gpu) -> Iterator[Entry]:
