@@ -3,7 +3,7 @@
 For each `max_num_patches` budget (256, 1024), with Siglip2 so400m/16 random weights in transformers' saved format:
 - corpus: `--images` JPEGs of mixed sizes (sides 200..1600 px) cut and resized from scikit-image's photos;
 - `cli`: `python -m packed_vit encode CORPUS --model CKPT` run as a user runs it, once per `--preprocess` mode:
-  wall clock, start-up (the command's own report: process start to first results), peak RSS of the command and
+  wall clock, start-up (the command's own report: process start to first forward), peak RSS of the command and
   its workers (`ru_maxrss` of the children, the largest process);
 - `gpu_only`: the packed forwards alone on the same batches (the processor's patches, packed by the same token
   budget, already on the GPU), timed with CUDA events;
@@ -36,7 +36,7 @@ import torch
 
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=16,
               num_patches=256)  # fmt: skip
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "motorcycle_left")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina")  # shipped with scikit-image
 TRANSFORMERS_BATCH = 64
 # `python -m packed_vit ...` as a user runs it, reporting its peak RSS (the process; its largest worker) at exit.
 RUN_AND_REPORT_RSS = """import resource, runpy, sys
@@ -169,7 +169,12 @@ def transformers_loop(paths, checkpoint: Path, max_num_patches: int) -> dict:
 def parity(paths, checkpoint: Path, embeddings_by_mode: dict, max_num_patches: int) -> dict:
     """Per-image cosine of our bf16 pooled embeddings vs transformers' fp32 tower on its own processor's pixels:
     the PIL backend for --preprocess cpu, the torchvision backend on CUDA for --preprocess gpu."""
-    from transformers import Siglip2ImageProcessor, Siglip2ImageProcessorPil, Siglip2VisionModel
+    from transformers import Siglip2ImageProcessor, Siglip2VisionModel
+
+    try:  # transformers 5: the PIL backend has its own class
+        from transformers import Siglip2ImageProcessorPil
+    except ImportError:
+        from transformers import Siglip2ImageProcessor as Siglip2ImageProcessorPil
 
     model = Siglip2VisionModel.from_pretrained(checkpoint, dtype=torch.float32).cuda().eval()
     processors = {"cpu": Siglip2ImageProcessorPil(patch_size=16, max_num_patches=max_num_patches),

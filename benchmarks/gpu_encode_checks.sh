@@ -10,5 +10,5 @@ for sub in modeling configuration processing; do ln -sfn "$PWD/$sub" /tmp/pv/pac
 export PYTHONPATH=/tmp/pv:$PWD/tests
 python -c "import packed_vit, torchvision; print('packed_vit', packed_vit.__file__, 'torchvision', torchvision.__version__)"
 # CUDA tests of the encode job (GPU preprocessing vs transformers' torchvision backend; 2 ranks on one GPU)
-timeout 150 python -m pytest -q -x tests/test_encode_gpu.py 2>&1 | tail -15 | tee "$out/pytest_gpu.log"
+timeout 150 python -m pytest -q -p no:warnings tests/test_encode_gpu.py 2>&1 | tail -40 | tee "$out/pytest_gpu.log"
 timeout 380 python benchmarks/bench_encode.py --work /tmp/bench_encode --out "$out/results_encode.json" 2>&1 | tee "$out/bench.log" | tail -40
