@@ -27,7 +27,7 @@ import resource
 import subprocess
 import sys
 import time
-from multiprocessing import Pool
+from multiprocessing import Pool, get_context
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +116,8 @@ def packed_batches(paths, processor):
     from packed_vit.encode import token_budget_batches
     from packed_vit.encode.job import DEFAULT_MAX_TOKENS
 
-    with Pool(os.cpu_count()) as pool:
+    # forkserver: this process holds a CUDA context by now, which forked children must not inherit
+    with get_context("forkserver").Pool(os.cpu_count()) as pool:
         prepared = pool.map(_process, [(processor, p) for p in paths], chunksize=8)
     return list(token_budget_batches(prepared, DEFAULT_MAX_TOKENS, tokens=lambda item: len(item[0])))
 

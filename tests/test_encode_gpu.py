@@ -65,7 +65,7 @@ def test_gpu_preprocessing_embeddings_match_transformers_torchvision_backend(tmp
     cpu = encode_images(model, processor, images, max_tokens=700, progress=False, workers=2)
     assert gpu.names == cpu.names == [str(p) for p in paths]
     assert [name for name, _ in gpu.skipped] == [str(tmp_path / "broken.jpg")]
-    theirs = Siglip2ImageProcessor(patch_size=16, max_num_patches=256)
+    theirs = Siglip2ImageProcessor(patch_size=processor.patch_size, max_num_patches=processor.max_num_patches)
     for path, ours in zip(paths, gpu.tensors()["pooled"]):
         image = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)), device="cuda")
         inputs = theirs(image, return_tensors="pt", device="cuda")
