@@ -12,7 +12,13 @@ setup(
     version="0.1.0",
     description="Packed (NaViT-style, variable resolution, no padding) Siglip2-NaFlex and AIMv2 vision towers",
     python_requires=">=3.10",
-    packages=["packed_vit", "packed_vit.modeling", "packed_vit.configuration", "packed_vit.processing"],
+    packages=[
+        "packed_vit",
+        "packed_vit.encode",
+        "packed_vit.modeling",
+        "packed_vit.configuration",
+        "packed_vit.processing",
+    ],
     package_dir={
         "packed_vit": "src/packed_vit",
         "packed_vit.modeling": "modeling",
@@ -24,7 +30,8 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "flash4": ["flash-attn-4>=4.0.0b36"],
-        "test": ["pytest", "scikit-image"],
+        "encode": ["webdataset>=0.2"],
+        "test": ["pytest", "scikit-image", "webdataset>=0.2"],
     },
     entry_points={"console_scripts": ["packed-vit=packed_vit.cli:main"]},
 )

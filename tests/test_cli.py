@@ -67,7 +67,7 @@ def photo_folder(tmp_path_factory) -> Path:
         write_image(folder / name, size, mode, seed)
     for name, content in BROKEN_FILES.items():
         (folder / name).write_bytes(content)
-    (folder / "readme.txt").write_text("not an image extension: not read at all")
+    (folder / "readme.md").write_text("not an image extension: not read at all")
     return folder
 
 
@@ -174,9 +174,9 @@ def test_encode_refuses_a_model_folder_that_is_not_a_checkpoint(photo_folder, tm
 
 
 def test_find_images_scans_folders_sorted_by_extension_and_takes_named_files(photo_folder):
-    found = find_images([photo_folder, photo_folder / "readme.txt"])
+    found = find_images([photo_folder, photo_folder / "readme.md"])
     expected = sorted([name for name, _, _ in GOOD_IMAGES] + list(BROKEN_FILES))
-    assert [p.relative_to(photo_folder).as_posix() for p in found] == expected + ["readme.txt"]
+    assert [p.relative_to(photo_folder).as_posix() for p in found] == expected + ["readme.md"]
 
 
 # ---- token-budget packing ---------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The `packed-vit` command (also `python -m packed_vit`).
 
-    packed-vit encode IMAGES_OR_FOLDERS... --model PATH_OR_REPO [--out FILE] [--device D] [--dtype T]
-                      [--max-tokens N] [--patch-features] [--revision R] [--attn-implementation A]
+    packed-vit encode INPUTS... --model PATH_OR_REPO [--out FILE.safetensors | DIR] [--shard-size N] [--overwrite]
+                      [--workers K] [--preprocess auto|cpu|gpu] [--device D] [--dtype T] [--max-tokens N]
+                      [--patch-features] [--revision R] [--attn-implementation A]
+    torchrun --nproc_per_node N -m packed_vit encode ... --out DIR
     packed-vit demo
 
 `encode`: see packed_vit.encode; `demo`: see packed_vit.demo.
@@ -13,17 +15,22 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+from .encode.job import DEFAULT_MAX_TOKENS, DEFAULT_SHARD_SIZE
 
-from .encode import DEFAULT_MAX_TOKENS, encode_images, find_images, load_model_and_processor, save_embeddings
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
     return number
 
 
@@ -37,14 +44,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Encodes images with a packed tower: many images per forward, packed by a token budget. "
         "Unreadable files are reported and skipped.",
     )
-    encode.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER",
-                        help="image files, and folders (searched recursively for image files, sorted)")  # fmt: skip
+    encode.add_argument("inputs", nargs="+", metavar="INPUTS",
+                        help="image files; folders (searched recursively for image files, sorted); text files "
+                             "*.txt listing one image path per line; webdataset tar shards *.tar, also as brace "
+                             "ranges (shards-{000000..000127}.tar)")  # fmt: skip
     encode.add_argument("--model", required=True, metavar="PATH_OR_REPO",
                         help="checkpoint folder or Hub id, in any format the towers load "
                              "(original, transformers, exported)")  # fmt: skip
     encode.add_argument("--revision", help="revision of a Hub --model")
     encode.add_argument("--out", type=Path, default=Path("embeddings.safetensors"),
-                        help="output safetensors file (default: embeddings.safetensors)")  # fmt: skip
+                        help="FILE.safetensors: one file (small jobs); any other name: a folder of shards with a "
+                             "manifest, resumable (default: embeddings.safetensors)")  # fmt: skip
+    encode.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE,
+                        help="images per output shard of a folder; memory grows with it, times the patches per "
+                             f"image with --patch-features (default {DEFAULT_SHARD_SIZE})")  # fmt: skip
+    encode.add_argument("--overwrite", action="store_true",
+                        help="replace an output folder that holds another job (model, options or inputs)")  # fmt: skip
+    encode.add_argument("--workers", type=non_negative_int,
+                        help="decoding processes (0: in this process; default: one per CPU core less two)")  # fmt: skip
+    encode.add_argument("--preprocess", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="where images are decoded and resized: cpu (PIL in the workers, exactly transformers' "
+                             "PIL backend), gpu (nvJPEG and torchvision on CUDA, as transformers' torchvision "
+                             "backend; Siglip2 only); auto: cpu (default)")  # fmt: skip
     encode.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     encode.add_argument("--dtype", choices=DTYPES, help="model dtype (default: bfloat16 on CUDA, float32 otherwise)")
     encode.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
@@ -65,51 +86,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_encode(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    try:
-        paths = find_images(args.inputs)
-    except FileNotFoundError as error:
-        print(f"packed-vit encode: {error}", file=sys.stderr)
-        return 2
-    if not paths:
-        print(f"packed-vit encode: no image files in {' '.join(args.inputs)}", file=sys.stderr)
-        return 2
-    try:
-        model, processor = load_model_and_processor(args.model, args.revision, device, dtype, args.attn_implementation)
-    except (OSError, ValueError, TypeError) as error:  # not a checkpoint, unknown format, unreachable, bad option
-        print(f"packed-vit encode: cannot load --model {args.model}: {error}", file=sys.stderr)
-        return 2
-    embeddings = encode_images(
-        model,
-        processor,
-        ((str(path), path) for path in paths),
-        max_tokens=args.max_tokens,
-        patch_features=args.patch_features,
-        total=len(paths),
-        progress=not args.no_progress,
-    )
-    skipped = len(embeddings.skipped)
-    if not embeddings.names:
-        print(f"packed-vit encode: none of the {len(paths)} files could be read; nothing written", file=sys.stderr)
-        return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_embeddings(args.out, embeddings, args.model)
-    images, patches, forwards = len(embeddings.names), sum(embeddings.batch_tokens), len(embeddings.batch_sizes)
-    print(
-        f"Encoded {images} image{'s' * (images != 1)} ({patches} patches, {forwards} forward{'s' * (forwards != 1)} "
-        f"of at most {args.max_tokens} patches) in {embeddings.total_seconds:.2f} s "
-        f"({images / embeddings.total_seconds:.1f} images/s); skipped {skipped} unreadable file{'s' * (skipped != 1)}; "
-        f"wrote {args.out} (pooled: {embeddings.pooled_kind})"
-    )
-    return 0
+def run_encode(args: argparse.Namespace, started: float | None = None) -> int:
+    from .encode.job import JobOptions, run_job
+
+    return run_job(JobOptions(
+        inputs=args.inputs, model=args.model, out=args.out, revision=args.revision, device=args.device,
+        dtype=args.dtype, max_tokens=args.max_tokens, patch_features=args.patch_features,
+        attn_implementation=args.attn_implementation, workers=args.workers, preprocess=args.preprocess,
+        shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress,
+    ), started)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "encode":
-        return run_encode(args)
+        from .encode.job import process_start_time
+
+        # From the command line, start-up counts from the process start (interpreter and imports included).
+        return run_encode(args, process_start_time() if argv is None else None)
     from .demo import run_demo  # imports skimage and transformers' reference towers only for the demo
 
     return run_demo()

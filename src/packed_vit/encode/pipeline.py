@@ -1,0 +1,369 @@
+"""Stage 2 of the encode job: samples -> packed forwards -> per-image embeddings, keeping the device busy.
+
+- Decoding and preprocessing run in `workers` DataLoader processes (0: in this process). The samples are dealt to
+  the workers in chunks of `CHUNK` consecutive samples, round robin; the DataLoader hands their chunks back in the
+  same round robin, so the main process sees every sample in input order whatever the number of workers. Every
+  sample yields an entry, an unreadable one a `skip` entry, which is what keeps that round robin aligned.
+- A worker ships a chunk's pixels as one tensor (a few IPC messages per chunk rather than per image), pinned by the
+  DataLoader, and copied to the device with `non_blocking`. With our packed processors the worker stops before the
+  rescale / normalize step and ships the resized image's uint8 patches (a quarter of the float32 bytes); the device
+  finishes them with the processor's own arithmetic (float64 product, float32 normalize, `normalize_patches`), so
+  the result equals the processor's output to the bit.
+- Forwards are packed greedily in order by a token budget (`token_budget_batches`), never across a `group` (an
+  output shard), so that a shard's forwards depend on its own images only: a resumed or distributed run computes the
+  very same forwards. Forwards are queued back to back: the results of forward i are read (one event wait) only once
+  forward i + 1 is queued.
+- `preprocess="gpu"` (Siglip2 only): workers only read the files; JPEGs are decoded on the GPU (nvJPEG), resized,
+  rescaled and normalized there as transformers' torchvision backend of Siglip2ImageProcessor does (`gpu_preprocessing`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .inputs import UNREADABLE, Sample, read_image
+
+CHUNK = 16  # samples per worker task: large enough to amortise IPC, small enough to start the GPU quickly
+PIPELINE_DEPTH = 2  # forwards queued on the device before the host waits for the oldest one's results
+
+
+def default_workers() -> int:
+    """One worker per CPU core left after the main process (which feeds the GPU) and the pinning thread."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores - 2, 32))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the workers produce
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    """One sample as the main process receives it: an image ready for the device, or a skip with the reason."""
+
+    tag: Any  # where it came from (the caller's key: an index, or (part, position))
+    name: str
+    size: tuple[int, int] = (0, 0)  # (height, width) as read
+    grid: tuple[int, int, int] | None = None  # (t, h, w) patches; None until a GPU decode tells it
+    rows: slice = field(default_factory=lambda: slice(0, 0))  # its rows in the chunk's pixel tensor
+    kind: str = "skip"  # "uint8" (resized, not normalized) | "float" (processor output) | "jpeg" | "decoded" | "skip"
+    why: str = ""  # for a skip
+    pixels: torch.Tensor | None = None  # on the device once the main process has it
+
+
+@dataclass
+class Chunk:
+    """A worker's reply for CHUNK consecutive samples. Tensors in one piece per kind, for the IPC and the pinning."""
+
+    entries: list[Entry]
+    uint8_pixels: torch.Tensor  # [rows, p*p*3] uint8: resized patches, not yet rescaled / normalized
+    float_pixels: torch.Tensor  # [rows, p*p*3] float32: the processor's output (inputs that were not 8-bit)
+    encoded: torch.Tensor  # [bytes] uint8: JPEG files, for the GPU decoder
+    decoded: list[torch.Tensor] = field(default_factory=list)  # [3, H, W] uint8 each: non-JPEGs for the GPU path
+
+    def pin_memory(self) -> Chunk:  # called by the DataLoader's pinning thread
+        return Chunk(
+            self.entries, self.uint8_pixels.pin_memory(), self.float_pixels.pin_memory(), self.encoded,
+            [t.pin_memory() for t in self.decoded],
+        )  # fmt: skip
+
+
+def processor_stops_before_normalize(processor) -> bool:
+    """Our packed processors (installed or remote code) expose the resize step on its own."""
+    return callable(getattr(processor, "resized_frame", None)) and callable(getattr(processor, "options", None))
+
+
+class CpuPreparation:
+    """PIL decode + the packed processor, in a worker. Picklable (the DataLoader may spawn workers)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.split = processor_stops_before_normalize(processor)
+        self.options = processor.options({"do_convert_rgb": True}) if self.split else None
+        self.patch_dim = processor.patch_size**2 * 3
+
+    def __call__(self, entry: Entry, source) -> np.ndarray:
+        """Fills `entry` (size, grid, kind) and returns its patches."""
+        from ..processing.image_processing_packing import patchify, read_frame
+
+        image = read_image(source) if isinstance(source, (Sample, str, Path, bytes)) else source
+        if self.split:
+            frame = read_frame(image, True, None)
+            entry.size = frame.shape[:2]
+            if frame.dtype == np.uint8:
+                frame = self.processor.resized_frame(frame, self.options)
+                if frame.dtype == np.uint8:
+                    patch_size = self.options["patch_size"]
+                    entry.kind = "uint8"
+                    entry.grid = (1, frame.shape[0] // patch_size, frame.shape[1] // patch_size)
+                    return patchify(frame, patch_size)
+        else:
+            entry.size = (image.height, image.width) if hasattr(image, "height") else tuple(np.shape(image)[:2])
+        batch = self.processor(image, return_tensors="np", do_convert_rgb=True)
+        entry.kind = "float"
+        entry.grid = tuple(int(n) for n in batch["grid_thw"][0])
+        return batch["pixel_values"]
+
+
+def normalize_patches(patches: torch.Tensor, options: dict) -> torch.Tensor:
+    """uint8 patches [n, p*p*3] (channel last) -> what the processor returns for them, float32, on their device.
+
+    The same operations as `processing.image_processing_packing` in numpy (rescale: float64 product, float32
+    result; normalize: float32), which IEEE arithmetic rounds identically on every device."""
+    pixels = patches.double() * options["rescale_factor"] if options["do_rescale"] else patches
+    pixels = pixels.float()
+    if options["do_normalize"]:
+        mean = torch.tensor(options["image_mean"], dtype=torch.float32, device=pixels.device)
+        std = torch.tensor(options["image_std"], dtype=torch.float32, device=pixels.device)
+        pixels = ((pixels.view(len(pixels), -1, 3) - mean) / std).view(len(pixels), -1)
+    return pixels
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The dataset the DataLoader workers run
+# --------------------------------------------------------------------------------------------------------------
+
+
+SampleSource = Callable[[Callable[[int], bool]], Iterator[tuple[Any, Any]]]
+"""`source(mine)` -> (tag, (name, source) or Sample) for every sample in order; samples whose running index `mine`
+rejects come as (tag, None): counted, not read."""
+
+
+def pairs_source(pairs: list[tuple[str, Any]]) -> SampleSource:
+    def iterate(mine):
+        for index, (name, image) in enumerate(pairs):
+            yield index, ((name, image) if mine(index) else None)
+
+    return iterate
+
+
+class ChunkDataset(torch.utils.data.IterableDataset):
+    def __init__(self, samples: SampleSource, prepare: Callable[[Entry, Any], Any], gpu_decode: bool):
+        self.samples, self.prepare, self.gpu_decode = samples, prepare, gpu_decode
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+
+        def mine(index: int) -> bool:
+            return (index // CHUNK) % workers == worker
+
+        pending: list[tuple[Entry, Any]] = []
+        for index, (tag, item) in enumerate(self.samples(mine)):
+            if item is None:
+                continue
+            pending.append((tag, item))
+            if len(pending) == CHUNK or (index + 1) % CHUNK == 0:  # the chunk ends at a multiple of CHUNK
+                yield self.chunk(pending)
+                pending = []
+        if pending:
+            yield self.chunk(pending)
+
+    def chunk(self, items: list[tuple[Any, Any]]) -> Chunk:
+        entries, uint8_rows, float_rows, encoded, decoded = [], [], [], [], []
+        for tag, item in items:
+            name, source = (item.name, item) if isinstance(item, Sample) else item
+            entry = Entry(tag, name)
+            try:
+                if self.gpu_decode:
+                    from .gpu_preprocessing import read_for_gpu
+
+                    kind, size, data = read_for_gpu(source)
+                    entry.kind, entry.size = kind, size
+                    rows = encoded if kind == "jpeg" else decoded
+                    start = sum(len(d) for d in encoded) if kind == "jpeg" else len(decoded)
+                    entry.rows = slice(start, start + (len(data) if kind == "jpeg" else 1))
+                    rows.append(data)
+                else:
+                    patches = self.prepare(entry, source)
+                    rows = uint8_rows if entry.kind == "uint8" else float_rows
+                    start = sum(len(r) for r in rows)
+                    entry.rows = slice(start, start + len(patches))
+                    rows.append(patches)
+            except UNREADABLE as error:
+                entry.kind, entry.why = "skip", f"{type(error).__name__}: {error}"
+            entries.append(entry)
+        patch_dim = getattr(self.prepare, "patch_dim", 0)
+
+        def stack(rows, dtype):
+            return torch.from_numpy(np.concatenate(rows)) if rows else torch.zeros(0, patch_dim, dtype=dtype)
+
+        encoded_bytes = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if encoded else \
+            torch.zeros(0, dtype=torch.uint8)  # fmt: skip
+        return Chunk(entries, stack(uint8_rows, torch.uint8), stack(float_rows, torch.float32).float(),
+                     encoded_bytes, [torch.from_numpy(d) for d in decoded])  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packing and running the tower
+# --------------------------------------------------------------------------------------------------------------
+
+
+def token_budget_batches(items: Iterable, max_tokens: int, tokens: Callable[[Any], int]) -> Iterator[list]:
+    """Greedy, in order: a batch is flushed when the next item would take it past `max_tokens`; an item larger than
+    the budget is a batch of its own."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive number of patches, got {max_tokens}")
+    batch, batch_tokens = [], 0
+    for item in items:
+        n = tokens(item)
+        if batch and batch_tokens + n > max_tokens:
+            yield batch
+            batch, batch_tokens = [], 0
+        batch.append(item)
+        batch_tokens += n
+    if batch:
+        yield batch
+
+
+def mean_per_image(features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """[N, D] patch features of packed images -> [B, D], each image's mean, in one scatter (no loop over images)."""
+    lengths = grid_thw.prod(1).to(features.device)
+    image_of_patch = torch.repeat_interleave(torch.arange(len(lengths), device=features.device), lengths)
+    sums = torch.zeros(len(lengths), features.shape[1], dtype=torch.float32, device=features.device)
+    sums.index_add_(0, image_of_patch, features.float())
+    return sums / lengths[:, None]
+
+
+@dataclass
+class ForwardResult:
+    """A contiguous run of samples in input order, all of one group: its images' embeddings and its skips."""
+
+    group: Any
+    entries: list[Entry]  # images and skips, in input order
+    pooled: torch.Tensor  # [images, D] float32, CPU
+    patch_features: torch.Tensor | None  # [patches, D] float32, CPU
+    pooled_by_head: bool | None
+    model_seconds: float
+    launched_at: float  # wall clock when its forward was queued
+
+    @property
+    def images(self) -> list[Entry]:
+        return [entry for entry in self.entries if entry.kind != "skip"]
+
+    @property
+    def skipped(self) -> list[Entry]:
+        return [entry for entry in self.entries if entry.kind == "skip"]
+
+
+class InFlight:
+    """A queued forward: its outputs are being copied to the host; `result()` waits for them."""
+
+    def __init__(self, model, group, entries: list[Entry], patch_features: bool):
+        self.group, self.entries = group, entries
+        images = [entry for entry in entries if entry.kind != "skip"]
+        self.pooled = self.features = self.by_head = None
+        self.start, self.launched_at = time.perf_counter(), time.time()
+        self.done_event = None
+        if not images:
+            return
+        weight = next(model.parameters())
+        cuda = weight.device.type == "cuda"
+        if cuda:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.done_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+        with torch.no_grad():
+            pixel_values = torch.cat([entry.pixels for entry in images]).to(weight.dtype)
+            grid_thw = torch.tensor([entry.grid for entry in images], dtype=torch.int64)
+            out = model(pixel_values, grid_thw)
+            self.by_head = out.pooler_output is not None
+            pooled = out.pooler_output.float() if self.by_head else mean_per_image(out.last_hidden_state, grid_thw)
+            # non_blocking device -> host copies land in pinned memory; done_event says when they have
+            self.pooled = pooled.to("cpu", non_blocking=cuda)
+            if patch_features:
+                self.features = out.last_hidden_state.float().to("cpu", non_blocking=cuda)
+        for entry in images:
+            entry.pixels = None  # the device copy is no longer needed
+        if cuda:
+            self.done_event.record()
+
+    def result(self) -> ForwardResult:
+        if self.done_event is not None:
+            self.done_event.synchronize()
+            seconds = self.start_event.elapsed_time(self.done_event) / 1000
+        else:
+            seconds = time.perf_counter() - self.start
+        pooled = self.pooled if self.pooled is not None else torch.zeros(0, 0)
+        return ForwardResult(self.group, self.entries, pooled, self.features, self.by_head, seconds, self.launched_at)
+
+
+def entries_on_device(chunks: Iterable[Chunk], device: torch.device, options: dict | None, gpu) -> Iterator[Entry]:
+    """Each chunk's entries, in order, their pixels on `device` and ready for the tower."""
+    for chunk in chunks:
+        uint8_pixels = chunk.uint8_pixels.to(device, non_blocking=True)
+        normalized = normalize_patches(uint8_pixels, options) if len(uint8_pixels) else uint8_pixels
+        float_pixels = chunk.float_pixels.to(device, non_blocking=True)
+        if gpu is not None:
+            gpu.prepare_chunk(chunk)  # decodes, resizes and normalizes the chunk's images on the GPU
+        for entry in chunk.entries:
+            if entry.kind == "uint8":
+                entry.pixels = normalized[entry.rows]
+            elif entry.kind == "float":
+                entry.pixels = float_pixels[entry.rows]
+            yield entry
+
+
+def run_forwards(
+    model, entries: Iterable[Entry], max_tokens: int, patch_features: bool, group_of: Callable[[Any], Any]
+) -> Iterator[ForwardResult]:
+    """Entries in order -> results in order, forwards packed by the token budget within each group and queued
+    PIPELINE_DEPTH deep."""
+    in_flight: deque[InFlight] = deque()
+    for group, members in itertools.groupby(entries, key=lambda entry: group_of(entry.tag)):
+        tokens = lambda entry: 0 if entry.kind == "skip" else int(np.prod(entry.grid))  # noqa: E731
+        for batch in token_budget_batches(members, max_tokens, tokens):
+            in_flight.append(InFlight(model, group, batch, patch_features))
+            while len(in_flight) > PIPELINE_DEPTH:
+                yield in_flight.popleft().result()
+    while in_flight:
+        yield in_flight.popleft().result()
+
+
+def encoded_results(
+    model,
+    processor,
+    samples: SampleSource,
+    max_tokens: int,
+    patch_features: bool = False,
+    workers: int = 0,
+    preprocess: str = "cpu",
+    group_of: Callable[[Any], Any] = lambda tag: None,
+) -> Iterator[ForwardResult]:
+    """The whole pipeline: samples -> results in input order (see the module docstring)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive number of patches, got {max_tokens}")
+    device = next(model.parameters()).device
+    gpu = None
+    if preprocess == "gpu":
+        from .gpu_preprocessing import GpuPreprocessing
+
+        gpu = GpuPreprocessing(processor, device)
+    elif preprocess != "cpu":
+        raise ValueError(f"preprocess must be 'cpu' or 'gpu', got {preprocess!r}")
+    prepare = CpuPreparation(processor)
+    dataset = ChunkDataset(samples, prepare, gpu_decode=gpu is not None)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,  # a worker's item is already a chunk
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    entries = entries_on_device(loader, device, prepare.options, gpu)
+    yield from run_forwards(model, entries, max_tokens, patch_features, group_of)

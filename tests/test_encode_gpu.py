@@ -1,0 +1,97 @@
+"""The encode job on CUDA: the GPU preprocessing path against transformers' torchvision backend, and torchrun ranks
+sharing one GPU. Skipped without CUDA or torchvision."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+import checkpoint_formats as formats  # noqa: E402
+from reference import siglip2_pair  # noqa: E402
+
+from packed_vit.encode import encode_images, load_embeddings, load_model_and_processor  # noqa: E402
+from packed_vit.encode.gpu_preprocessing import GpuPreprocessing  # noqa: E402
+from packed_vit.processing import Siglip2PackingImageProcessor  # noqa: E402
+
+MIN_COSINE = 0.9999  # per image, fp32 model: only the decoder and the resize backend differ
+
+
+def jpegs(folder: Path, count: int = 12) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        h, w = rng.integers(20, 700, 2)
+        smooth = PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((int(w), int(h)))
+        paths.append(folder / f"{i:03d}.jpg")
+        smooth.save(paths[-1], quality=90)
+    return paths
+
+
+@pytest.mark.parametrize("max_num_patches", [64, 256, 1024])
+def test_gpu_patches_equal_transformers_torchvision_backend_on_cuda(tmp_path, max_num_patches):
+    import torchvision.io
+    from transformers import Siglip2ImageProcessor
+
+    ours = GpuPreprocessing(Siglip2PackingImageProcessor(max_num_patches=max_num_patches), torch.device("cuda"))
+    theirs = Siglip2ImageProcessor(patch_size=16, max_num_patches=max_num_patches)
+    assert getattr(theirs, "backend", "torchvision") == "torchvision"
+    for path in jpegs(tmp_path):
+        image = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)), device="cuda")
+        patches, (_, h, w) = ours.patches(image)
+        expected = theirs(image, return_tensors="pt", device="cuda")
+        assert tuple(expected["spatial_shapes"][0].tolist()) == (h, w)
+        difference = (patches - expected["pixel_values"][0, : h * w].to(patches.device)).abs().max().item()
+        assert difference <= 1e-6, f"{path.name}: max abs difference {difference}"
+
+
+def test_gpu_preprocessing_embeddings_match_transformers_torchvision_backend(tmp_path, capsys):
+    import torchvision.io
+    from transformers import Siglip2ImageProcessor
+
+    folder = tmp_path / "ckpt"
+    formats.siglip2_full_model(*siglip2_pair(), folder)
+    model, processor = load_model_and_processor(str(folder), device="cuda", dtype=torch.float32)
+    paths = jpegs(tmp_path)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
+    images = [(str(p), p) for p in [*paths[:3], tmp_path / "broken.jpg", *paths[3:]]]
+    gpu = encode_images(model, processor, images, max_tokens=700, progress=False, workers=2, preprocess="gpu")
+    cpu = encode_images(model, processor, images, max_tokens=700, progress=False, workers=2)
+    assert gpu.names == cpu.names == [str(p) for p in paths]
+    assert [name for name, _ in gpu.skipped] == [str(tmp_path / "broken.jpg")]
+    theirs = Siglip2ImageProcessor(patch_size=processor.patch_size, max_num_patches=processor.max_num_patches)
+    for path, ours in zip(paths, gpu.tensors()["pooled"]):
+        image = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)), device="cuda")
+        inputs = theirs(image, return_tensors="pt", device="cuda")
+        with torch.no_grad():  # our tower on the padded batch: the drop-in call (DESIGN §13)
+            grid = inputs["spatial_shapes"].cpu()
+            n = int(grid.prod())
+            expected = model(inputs["pixel_values"][0, :n].cuda(), torch.tensor([[1, *grid[0].tolist()]]))
+        cosine = torch.nn.functional.cosine_similarity(ours.double(), expected.pooler_output[0].double().cpu(), dim=0)
+        assert cosine >= MIN_COSINE, f"{path.name}: {cosine}"
+    # information: the two decoders and resizers (PIL vs nvJPEG + torchvision) on the same files
+    cosine = torch.nn.functional.cosine_similarity(gpu.tensors()["pooled"], cpu.tensors()["pooled"], dim=1)
+    with capsys.disabled():
+        print(f"\n[gpu vs cpu preprocessing, fp32 embeddings: min cosine {cosine.min():.6f}]")
+
+
+def test_two_ranks_sharing_one_gpu_equal_one_process(tmp_path):
+    folder = tmp_path / "ckpt"
+    formats.siglip2_full_model(*siglip2_pair(), folder)
+    paths = jpegs(tmp_path, 20)
+    common = ["encode", str(tmp_path), "--model", str(folder), "--shard-size", "3", "--no-progress", "--workers", "1"]
+    one = subprocess.run([sys.executable, "-m", "packed_vit", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "packed_vit"]
+    two = subprocess.run([*torchrun, *common, "--out", str(tmp_path / "two")], capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_embeddings(tmp_path / "one"), load_embeddings(tmp_path / "two")
+    assert a.names == b.names == [str(p) for p in paths]
+    assert torch.equal(a.tensors()["pooled"], b.tensors()["pooled"])

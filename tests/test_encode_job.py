@@ -1,0 +1,224 @@
+"""The encode job at scale (packed_vit.encode): DataLoader workers, inputs (list files, webdataset tar shards), the
+shard folder with its manifest, resuming after kill -9, refusing another job, torchrun ranks (2 gloo processes).
+
+Small original-format Siglip2 checkpoint (tests/reference.py), fp32 on the CPU. Equalities here are exact
+(`torch.equal`): the same images in the same forwards give the same bits, whatever the workers, ranks or restarts.
+"""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import checkpoint_formats as formats
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from reference import siglip2_pair
+
+from packed_vit.cli import main
+from packed_vit.encode import encode_images, load_embeddings, load_model_and_processor, token_budget_batches
+
+BUDGET = 600  # patches per forward: a few images each (each image is at most 256 patches)
+
+
+def image_bytes(seed: int, fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(8, 120, 2)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("siglip2")
+    formats.siglip2_full_model(*siglip2_pair(), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """13 readable images (JPEG and PNG) and a broken one, sorted names."""
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(13):
+        (folder / f"{i:02d}.{'png' if i % 3 else 'jpg'}").write_bytes(image_bytes(i, "PNG" if i % 3 else "JPEG"))
+    (folder / "05b_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    return folder
+
+
+def write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    """A webdataset shard: each sample's members `key.ext`, consecutive."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def encode(*arguments: str) -> int:
+    return main(["encode", *arguments, "--no-progress", "--max-tokens", str(BUDGET)])
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------------------
+
+
+def test_every_worker_count_gives_the_in_process_processor_result_to_the_bit(checkpoint, photos):
+    model, processor = load_model_and_processor(str(checkpoint))
+    paths = sorted(p for p in photos.iterdir() if "broken" not in p.name)
+    images = [(p.name, p) for p in paths]
+    runs = {workers: encode_images(model, processor, images, BUDGET, progress=False, workers=workers)
+            for workers in (0, 1, 3)}  # fmt: skip
+    # The processor on each image in the main process, packed by the same budget: what encode did before workers.
+    prepared = [processor(PIL.Image.open(p), return_tensors="pt", do_convert_rgb=True) for p in paths]
+    expected = []
+    with torch.no_grad():
+        for batch in token_budget_batches(prepared, BUDGET, tokens=lambda item: len(item["pixel_values"])):
+            out = model(torch.cat([b["pixel_values"] for b in batch]), torch.cat([b["grid_thw"] for b in batch]))
+            expected.append(out.pooler_output)
+    for workers, run in runs.items():
+        assert run.names == [p.name for p in paths], workers
+        assert run.batch_sizes == [len(b) for b in token_budget_batches(prepared, BUDGET, lambda i: len(i["pixel_values"]))]
+        assert torch.equal(run.tensors()["pooled"], torch.cat(expected)), f"workers={workers}"
+
+
+def test_workers_report_unreadable_files_in_order_and_go_on(checkpoint, photos, tmp_path, capsys):
+    assert encode(str(photos), "--model", str(checkpoint), "--out", str(tmp_path / "e.safetensors"),
+                  "--workers", "2") == 0  # fmt: skip
+    result = load_embeddings(tmp_path / "e.safetensors")
+    assert result.names == [str(p) for p in sorted(photos.iterdir()) if "broken" not in p.name]
+    assert [name for name, _ in result.skipped] == [str(photos / "05b_broken.jpg")]
+    assert f"skipped {photos / '05b_broken.jpg'}: OSError" in capsys.readouterr().err
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------------
+
+
+def test_list_files_and_tar_shards_with_brace_ranges(checkpoint, photos, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "s-000.tar", {"a": {"jpg": image_bytes(100), "json": b"{}"}, "b": {"txt": b"no image"},
+                                     "c": {"png": image_bytes(101, "PNG"), "cls": b"3"}})  # fmt: skip
+    write_tar(shards / "s-001.tar", {"d": {"jpeg": image_bytes(102)}, "e": {"jpg": b"corrupt"}})
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two photos\n{photos / '00.jpg'}\n\n{photos / '01.png'}\nmissing.jpg\n")
+    out = tmp_path / "out"
+    assert encode(str(shards / "s-{000..001}.tar"), str(listing), "--model", str(checkpoint), "--out", str(out),
+                  "--workers", "2") == 0  # fmt: skip
+    result = load_embeddings(out)
+    assert result.names == [f"{shards}/s-000.tar/a", f"{shards}/s-000.tar/c", f"{shards}/s-001.tar/d",
+                            str(photos / "00.jpg"), str(photos / "01.png")]  # fmt: skip
+    skipped = dict(result.skipped)
+    assert sorted(skipped) == sorted([f"{shards}/s-000.tar/b", f"{shards}/s-001.tar/e", str(tmp_path / "missing.jpg")])
+    assert "no member with an image extension" in skipped[f"{shards}/s-000.tar/b"]
+    assert "No such file" in skipped[str(tmp_path / "missing.jpg")]
+    # the tar member's image is that image (alone in its forward here: equal to fp32 rounding)
+    alone = load_embeddings_of(checkpoint, [("x", io.BytesIO(image_bytes(100)))])
+    assert torch.allclose(result.tensors()["pooled"][0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def load_embeddings_of(checkpoint, images):
+    model, processor = load_model_and_processor(str(checkpoint))
+    return encode_images(model, processor, [(n, PIL.Image.open(f)) for n, f in images], progress=False).tensors()["pooled"]
+
+
+# ---- the shard folder --------------------------------------------------------------------------------------------
+
+
+def test_folder_of_shards_equals_the_single_file(checkpoint, photos, tmp_path):
+    common = [str(photos), "--model", str(checkpoint), "--workers", "1", "--patch-features"]
+    assert encode(*common, "--out", str(tmp_path / "one.safetensors")) == 0
+    assert encode(*common, "--out", str(tmp_path / "folder"), "--shard-size", "4") == 0
+    manifest = json.loads((tmp_path / "folder" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["images"] == 13 and manifest["skipped"] == 1
+    assert [len(s["images"]) + len(s["skipped"]) for s in manifest["shards"]] == [4, 4, 4, 2]  # 14 files
+    assert manifest["job"]["model"] == str(checkpoint) and manifest["job"]["shard_size"] == 4
+    one, folder = load_embeddings(tmp_path / "one.safetensors"), load_embeddings(tmp_path / "folder")
+    assert folder.names == one.names
+    # forwards never span shards, so the batches differ; the embeddings agree to fp32 rounding
+    for name in ("pooled", "patch_features", "grid_thw"):
+        assert torch.allclose(folder.tensors()[name], one.tensors()[name], rtol=1e-5, atol=1e-5), name
+
+
+def test_another_job_in_the_folder_is_refused_unless_overwrite(checkpoint, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert encode(str(photos / "00.jpg"), "--model", str(checkpoint), "--out", str(out)) == 0
+    assert encode(str(photos / "01.png"), "--model", str(checkpoint), "--out", str(out)) == 2
+    assert "holds another job (it differs in: inputs)" in capsys.readouterr().err
+    assert encode(str(photos / "00.jpg"), "--model", str(checkpoint), "--out", str(out), "--patch-features") == 2
+    assert encode(str(photos / "01.png"), "--model", str(checkpoint), "--out", str(out), "--overwrite") == 0
+    assert load_embeddings(out).names == [str(photos / "01.png")]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.md").write_text("mine")
+    assert encode(str(photos / "00.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "other")) == 2
+    assert "is not an encode output folder" in capsys.readouterr().err
+
+
+def command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "packed_vit", "encode", *arguments, "--no-progress", "--max-tokens", str(BUDGET)]
+
+
+def shard_files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("part-*.safetensors")}
+
+
+def test_resume_after_kill_9_redoes_no_finished_shard_and_equals_an_uninterrupted_run(checkpoint, tmp_path):
+    photos = tmp_path / "many"
+    photos.mkdir()
+    for i in range(60):
+        (photos / f"{i:03d}.jpg").write_bytes(image_bytes(1000 + i))
+    job = [str(photos), "--model", str(checkpoint), "--shard-size", "3", "--workers", "0"]
+    killed = subprocess.Popen(command(*job, "--out", str(tmp_path / "killed")), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while len(shard_files(tmp_path / "killed")) < 3 and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    before = shard_files(tmp_path / "killed")
+    assert 3 <= len(before) < 20, f"{len(before)} shards when killed"
+    assert encode(*job, "--out", str(tmp_path / "killed")) == 0
+    after = shard_files(tmp_path / "killed")
+    assert len(after) == 20 and all(after[name] == before[name] for name in before)  # none rewritten
+    assert encode(*job, "--out", str(tmp_path / "whole")) == 0
+    resumed, whole = load_embeddings(tmp_path / "killed"), load_embeddings(tmp_path / "whole")
+    assert resumed.names == whole.names and len(whole.names) == 60
+    assert torch.equal(resumed.tensors()["pooled"], whole.tensors()["pooled"])
+    manifest = (tmp_path / "killed" / "manifest.json").read_text()
+    assert encode(*job, "--out", str(tmp_path / "killed")) == 0  # a finished job: nothing to do, nothing changes
+    assert shard_files(tmp_path / "killed") == after
+    assert json.loads((tmp_path / "killed" / "manifest.json").read_text())["shards"] == json.loads(manifest)["shards"]
+
+
+# ---- torchrun --------------------------------------------------------------------------------------------------
+
+
+def test_torchrun_two_gloo_ranks_equal_one_process(checkpoint, photos, tmp_path):
+    write_tar(tmp_path / "t-0.tar", {f"k{i}": {"jpg": image_bytes(200 + i)} for i in range(5)})
+    write_tar(tmp_path / "t-1.tar", {f"k{i}": {"jpg": image_bytes(300 + i)} for i in range(4)})
+    job = [str(tmp_path / "t-{0..1}.tar"), str(photos), "--model", str(checkpoint), "--shard-size", "3",
+           "--workers", "1", "--device", "cpu"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "packed_vit"]
+    two = subprocess.run([*torchrun, *command(*job, "--out", str(tmp_path / "two"))[3:]], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun sets each rank (OMP_NUM_THREADS=1): the CPU kernels then sum alike
+    try:
+        assert encode(*job, "--out", str(tmp_path / "one")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one, merged = load_embeddings(tmp_path / "one"), load_embeddings(tmp_path / "two")
+    assert merged.names == one.names and len(one.names) == 9 + 13
+    assert torch.equal(merged.tensors()["pooled"], one.tensors()["pooled"])
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["complete"]
+    assert "Encoded 22 images" in two.stdout and "2 ranks" in two.stdout  # rank 0 sums every rank
+    assert two.stdout.count("Encoded") == 1
