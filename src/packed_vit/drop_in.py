@@ -84,7 +84,8 @@ def _swappable_tower(model: nn.Module, path: str, reference: nn.Module) -> tuple
 def packed_tower_sharing_parameters(tower: nn.Module, packed_class, config_class, convert_config) -> nn.Module:
     """The packed tower holding `tower`'s own Parameter objects (no copy), in its mode and checkpointing state."""
     reference_config = tower.config
-    config = config_class(**convert_config(reference_config.to_dict()))
+    # What from_pretrained does with a checkpoint (AIMv2 reads some fields off the weight names)
+    config = config_class(**convert_config(reference_config.to_dict(), [name for name, _ in tower.named_parameters()]))
     config._attn_implementation = packed_attention_for(getattr(reference_config, "_attn_implementation", None))
     with torch.device("meta"):  # modules only: every parameter is the reference's own, set below
         packed = packed_class(config)
