@@ -76,9 +76,11 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
         if output_attentions:
             raise ValueError("output_attentions=True: the packed tower's varlen attention kernels return no weights")
         # ---- The reference tower's own call: packed here, the outputs put back into its shapes at the end. ----
-        reference_call = self.pack_reference_call(
-            patches, pixel_attention_mask if pixel_attention_mask is not None else attention_mask, spatial_shapes
-        )
+        if pixel_attention_mask is None:
+            pixel_attention_mask = attention_mask
+        reference_call = None
+        if grid_thw is None or pixel_attention_mask is not None or spatial_shapes is not None:
+            reference_call = self.pack_reference_call(patches, pixel_attention_mask, spatial_shapes)
         if reference_call is not None:
             if grid_thw is not None:
                 raise ValueError("Pass either packed patches with grid_thw, or the reference tower's padded call; not both")
