@@ -182,11 +182,13 @@ def main(argv=None) -> dict:
     for side in ("original", "replaced"):
         if side == "replaced":
             replaced = packed_vit.replace_vision_towers(model)
-            print(f"replace_vision_towers: {replaced} tower(s) -> {type(model.model.vision_tower).__name__}", flush=True)
+            tower_class = type(model.model.vision_tower).__name__
+            print(f"replace_vision_towers: {replaced} tower(s) -> {tower_class}", flush=True)
         for count, inputs in batches.items():
             numbers, outputs[side, count] = measure_side(model, inputs, args, device)
             sides.setdefault(count, {})[side] = numbers
-            print(f"{side:8s} {count:3d} images: " + ", ".join(f"{k} {v['ms']:.1f} ms" for k, v in numbers.items()), flush=True)
+            steps = ", ".join(f"{step} {v['ms']:.1f} ms" for step, v in numbers.items())
+            print(f"{side:8s} {count:3d} images: {steps}", flush=True)
 
     results = dict(
         device=device_name(device), torch=torch.__version__, transformers=transformers.__version__,
@@ -196,7 +198,8 @@ def main(argv=None) -> dict:
         mask = inputs["pixel_attention_mask"]
         original, replaced = outputs["original", count], outputs["replaced", count]
         results["workloads"].append(dict(
-            images=count, patches=int(mask.sum()), padded_patches=mask.numel(), prompt_tokens=inputs["input_ids"].shape[1],
+            images=count, patches=int(mask.sum()), padded_patches=mask.numel(),
+            prompt_tokens=inputs["input_ids"].shape[1],
             original=sides[count]["original"], replaced=sides[count]["replaced"],
             tower_cosine=cosine(replaced["tower_tokens"], original["tower_tokens"]),
             logits_cosine=cosine(replaced["logits"], original["logits"]),

@@ -194,7 +194,9 @@ class Aimv2PackingVisionModel(Aimv2PackingPreTrainedModel):
     def pack_reference_call(self, patches, pixel_attention_mask, spatial_shapes) -> PaddedBatch | None:
         """`Aimv2VisionModel`'s call: same-size images pixel_values [B, C, H, W]."""
         if pixel_attention_mask is not None or spatial_shapes is not None:
-            raise ValueError("AIMv2 takes no pixel_attention_mask / spatial_shapes: pass images [B, C, H, W] or packed patches")
+            raise ValueError(
+                "AIMv2 takes no pixel_attention_mask / spatial_shapes: pass images [B, C, H, W] or packed patches"
+            )
         if not (isinstance(patches, torch.Tensor) and patches.dim() == 4):
             return None  # packed: hidden_states [N, p*p*C] with grid_thw
         return images_to_packed(patches, self.config.patch_size, self.config.num_channels)

@@ -83,7 +83,9 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
             reference_call = self.pack_reference_call(patches, pixel_attention_mask, spatial_shapes)
         if reference_call is not None:
             if grid_thw is not None:
-                raise ValueError("Pass either packed patches with grid_thw, or the reference tower's padded call; not both")
+                raise ValueError(
+                    "Pass either packed patches with grid_thw, or the reference tower's padded call; not both"
+                )
             patches, grid_thw = reference_call.patches, reference_call.grid_thw
         packed = pack_inputs(patches, grid_thw, config.num_channels * config.patch_size**2)
         backend = self.attention_backend(patches.device, self.get_input_embeddings().weight.dtype)

@@ -62,7 +62,8 @@ def padded_images(shapes=IMAGE_SHAPES, seed: int = 1) -> dict:
     for i, (h, w) in enumerate(shapes):
         pixel_attention_mask[i, : h * w] = 1
         pixel_values[i, h * w :] = 0  # the processors pad with zeros
-    return dict(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask, spatial_shapes=torch.tensor(shapes))
+    spatial_shapes = torch.tensor(shapes)
+    return dict(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes)
 
 
 def prompt_with_images(shapes=IMAGE_SHAPES) -> torch.Tensor:
