@@ -229,6 +229,14 @@ def test_a_modified_tower_is_refused():
         replace_vision_towers(model)
 
 
+def test_a_tower_offloaded_or_spread_over_devices_is_refused():
+    model = small_lfm2_vl()
+    tower = vision_tower_of(model)
+    getattr(tower, "vision_model", tower).post_layernorm.to("meta")  # as accelerate leaves offloaded weights
+    with pytest.raises(ValueError, match="offloaded or spread over devices"):
+        replace_vision_towers(model)
+
+
 def test_a_bare_tower_is_refused_with_what_to_do_instead():
     reference, _ = aimv2_pair()
     with pytest.raises(ValueError, match="from_pretrained"):

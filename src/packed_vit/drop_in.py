@@ -107,6 +107,14 @@ def packed_attention_for(reference_attn_implementation: str | None) -> str:
 
 def _share_parameters(tower: nn.Module, packed: nn.Module) -> None:
     reference_parameters = dict(tower.named_parameters())
+    devices = {parameter.device for parameter in reference_parameters.values()}
+    if len(devices) > 1 or any(device.type == "meta" for device in devices):
+        # accelerate's offloading / multi-device dispatch moves weights in hooks on the submodules, which a new
+        # module tree would not have
+        raise ValueError(
+            f"its weights are offloaded or spread over devices ({sorted(map(str, devices))}): load the model with "
+            "the vision tower on one device"
+        )
     packed_parameters = dict(packed.named_parameters())
     if reference_parameters.keys() != packed_parameters.keys():
         missing = sorted(packed_parameters.keys() - reference_parameters.keys())
