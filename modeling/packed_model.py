@@ -76,16 +76,9 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
         if output_attentions:
             raise ValueError("output_attentions=True: the packed tower's varlen attention kernels return no weights")
         # ---- The reference tower's own call: packed here, the outputs put back into its shapes at the end. ----
-        if pixel_attention_mask is None:
-            pixel_attention_mask = attention_mask
-        reference_call = None
-        if grid_thw is None or pixel_attention_mask is not None or spatial_shapes is not None:
-            reference_call = self.pack_reference_call(patches, pixel_attention_mask, spatial_shapes)
+        mask = pixel_attention_mask if pixel_attention_mask is not None else attention_mask
+        reference_call = self.reference_call(patches, grid_thw, mask, spatial_shapes)
         if reference_call is not None:
-            if grid_thw is not None:
-                raise ValueError(
-                    "Pass either packed patches with grid_thw, or the reference tower's padded call; not both"
-                )
             patches, grid_thw = reference_call.patches, reference_call.grid_thw
         packed = pack_inputs(patches, grid_thw, config.num_channels * config.patch_size**2)
         backend = self.attention_backend(patches.device, self.get_input_embeddings().weight.dtype)
@@ -105,8 +98,17 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
             output = reference_call.unpack_output(output)
         return output if return_dict is not False else output.to_tuple()
 
+    def reference_call(self, patches, grid_thw, pixel_attention_mask, spatial_shapes) -> PaddedBatch | None:
+        """The packed batch of a call in the reference tower's own form (reference_calls.py), or None."""
+        if grid_thw is not None and pixel_attention_mask is None and spatial_shapes is None:
+            return None  # packed (hidden_states, grid_thw); a wrong shape is pack_inputs' error to report
+        reference_call = self.pack_reference_call(patches, pixel_attention_mask, spatial_shapes)
+        if reference_call is not None and grid_thw is not None:
+            raise ValueError("Pass either packed patches with grid_thw or the reference tower's padded call, not both")
+        return reference_call
+
     def pack_reference_call(self, patches, pixel_attention_mask, spatial_shapes) -> PaddedBatch | None:
-        """The packed batch of a call in the reference tower's own form, or None for a packed call (each tower)."""
+        """Each tower: the packed batch of its reference's call, or None when `patches` are packed."""
         raise NotImplementedError
 
     @classmethod
