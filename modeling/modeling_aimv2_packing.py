@@ -23,6 +23,7 @@ from .fused_norm import ResidualNorm
 from .packed_model import LastHiddenStateModule, PackedEncoder, PackedVisionPreTrainedModel
 from .packing import PackedGrid
 from .position_embeddings import resized_position_embedding, sincos_position_embedding
+from .reference_calls import PaddedBatch, images_to_packed
 
 
 class Aimv2PackingRMSNorm(ResidualNorm):
@@ -170,6 +171,8 @@ class Aimv2PackingVisionModel(Aimv2PackingPreTrainedModel):
 
     forward(hidden_states [N, p*p*C] patches (row, col, channel), grid_thw [B, 3]) -> BaseModelOutputWithPooling
     with last_hidden_state [N, D] and pooler_output [num_frames, D] (None without head).
+    Also `Aimv2VisionModel`'s call: forward(pixel_values [B, C, H, W]) -> last_hidden_state [B, h*w, D],
+    pooler_output [B, D].
     """
 
     def __init__(self, config: Aimv2PackingVisionConfig):
@@ -187,6 +190,16 @@ class Aimv2PackingVisionModel(Aimv2PackingPreTrainedModel):
     @property
     def final_norm(self) -> nn.Module:
         return self.rms_norm
+
+    def pack_reference_call(self, patches, pixel_attention_mask, spatial_shapes) -> PaddedBatch | None:
+        """`Aimv2VisionModel`'s call: same-size images pixel_values [B, C, H, W]."""
+        if pixel_attention_mask is not None or spatial_shapes is not None:
+            raise ValueError(
+                "AIMv2 takes no pixel_attention_mask / spatial_shapes: pass images [B, C, H, W] or packed patches"
+            )
+        if not (isinstance(patches, torch.Tensor) and patches.dim() == 4):
+            return None  # packed: hidden_states [N, p*p*C] with grid_thw
+        return images_to_packed(patches, self.config.patch_size, self.config.num_channels)
 
 
 class AIMv2Packing(LastHiddenStateModule):

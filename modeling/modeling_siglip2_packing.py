@@ -23,6 +23,7 @@ from .fused_norm import PackedLayerNorm
 from .packed_model import LastHiddenStateModule, PackedEncoder, PackedVisionPreTrainedModel
 from .packing import PackedGrid
 from .position_embeddings import resized_position_embedding
+from .reference_calls import PaddedBatch, siglip2_padded_to_packed
 
 
 class Siglip2PackingVisionEmbeddings(nn.Module):
@@ -122,6 +123,8 @@ class Siglip2PackingVisionModel(Siglip2PackingPreTrainedModel):
 
     forward(hidden_states [N, p*p*C] patches (row, col, channel), grid_thw [B, 3]) -> BaseModelOutputWithPooling
     with last_hidden_state [N, D] and pooler_output [num_frames, D] (None without head).
+    Also `Siglip2VisionModel`'s call: forward(pixel_values [B, P, p*p*C], pixel_attention_mask [B, P],
+    spatial_shapes [B, 2]) -> last_hidden_state [B, P, D] (padding rows zero), pooler_output [B, D].
     """
 
     def __init__(self, config: Siglip2PackingVisionConfig):
@@ -139,6 +142,20 @@ class Siglip2PackingVisionModel(Siglip2PackingPreTrainedModel):
     @property
     def final_norm(self) -> nn.Module:
         return self.post_layernorm
+
+    def pack_reference_call(self, patches, pixel_attention_mask, spatial_shapes) -> PaddedBatch | None:
+        """`Siglip2VisionModel`'s padded call (pixel_values [B, P, p*p*C], pixel_attention_mask, spatial_shapes)."""
+        is_padded = isinstance(patches, torch.Tensor) and patches.dim() == 3
+        if not is_padded and pixel_attention_mask is None and spatial_shapes is None:
+            return None  # packed: hidden_states [N, p*p*C] with grid_thw
+        if spatial_shapes is None:
+            raise ValueError(
+                "A padded batch pixel_values [B, P, p*p*C] needs spatial_shapes [B, 2] (and pixel_attention_mask "
+                "[B, P]), by keyword, as Siglip2VisionModel takes them"
+            )
+        return siglip2_padded_to_packed(
+            patches, pixel_attention_mask, spatial_shapes, self.config.num_channels * self.config.patch_size**2
+        )
 
 
 class Siglip2NaflexPacking(LastHiddenStateModule):

@@ -11,6 +11,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from .attention import check_attn_implementation, resolve_attn_implementation
 from .checkpoint_loading import load_pretrained
 from .packing import PackedGrid, pack_inputs
+from .reference_calls import PaddedBatch
 
 class PackedEncoder(nn.Module):
     """The stack of encoder layers, all run on the same per-forward `packed` metadata (key prefix `layers.N`)."""
@@ -58,11 +59,27 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         pixel_values: torch.Tensor | None = None,  # the image processors' name for `hidden_states`
+        pixel_attention_mask: torch.Tensor | None = None,  # [B, P]: the reference's padded call (reference_calls.py)
+        spatial_shapes: torch.Tensor | None = None,  # [B, 2]: the same
+        attention_mask: torch.Tensor | None = None,  # pixel_attention_mask as 4.57's Siglip2VisionTransformer names it
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        """-> last_hidden_state [N, D]; pooler_output [num_frames, D] (None without head); hidden_states."""
+        """-> last_hidden_state [N, D]; pooler_output [num_frames, D] (None without head); hidden_states.
+
+        Also takes the reference tower's own call (Siglip2: padded `pixel_values [B, P, p*p*C]`,
+        `pixel_attention_mask [B, P]`, `spatial_shapes [B, 2]`; AIMv2: images `[B, C, H, W]`) and then returns the
+        reference's shapes, last_hidden_state [B, P, D] with zero padding rows: see reference_calls.py.
+        """
         patches = hidden_states if hidden_states is not None else pixel_values
         config = self.config
+        if output_attentions:
+            raise ValueError("output_attentions=True: the packed tower's varlen attention kernels return no weights")
+        # ---- The reference tower's own call: packed here, the outputs put back into its shapes at the end. ----
+        mask = pixel_attention_mask if pixel_attention_mask is not None else attention_mask
+        reference_call = self.reference_call(patches, grid_thw, mask, spatial_shapes)
+        if reference_call is not None:
+            patches, grid_thw = reference_call.patches, reference_call.grid_thw
         packed = pack_inputs(patches, grid_thw, config.num_channels * config.patch_size**2)
         backend = self.attention_backend(patches.device, self.get_input_embeddings().weight.dtype)
         if output_hidden_states is None:
@@ -77,7 +94,22 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
         output = BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=encoded.hidden_states
         )
+        if reference_call is not None:  # ---- back into the reference's shapes ----
+            output = reference_call.unpack_output(output)
         return output if return_dict is not False else output.to_tuple()
+
+    def reference_call(self, patches, grid_thw, pixel_attention_mask, spatial_shapes) -> PaddedBatch | None:
+        """The packed batch of a call in the reference tower's own form (reference_calls.py), or None."""
+        if grid_thw is not None and pixel_attention_mask is None and spatial_shapes is None:
+            return None  # packed (hidden_states, grid_thw); a wrong shape is pack_inputs' error to report
+        reference_call = self.pack_reference_call(patches, pixel_attention_mask, spatial_shapes)
+        if reference_call is not None and grid_thw is not None:
+            raise ValueError("Pass either packed patches with grid_thw or the reference tower's padded call, not both")
+        return reference_call
+
+    def pack_reference_call(self, patches, pixel_attention_mask, spatial_shapes) -> PaddedBatch | None:
+        """Each tower: the packed batch of its reference's call, or None when `patches` are packed."""
+        raise NotImplementedError
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

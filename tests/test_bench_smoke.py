@@ -77,3 +77,20 @@ def test_smoke_run_writes_every_output_and_keeps_the_notes(tmp_path, one_thread)
     assert all(f"| {key} |" in markdown for key in saved["workloads"])
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     assert (tmp_path / "scaling.png").exists() == has_matplotlib
+
+
+def test_vlm_smoke_run_measures_both_towers_and_they_agree(tmp_path, one_thread):
+    # benchmarks/bench_vlm.py on a tiny LFM2-VL: every step of both sides, the JSON, and the same logits (fp32).
+    _vlm_spec = importlib.util.spec_from_file_location("bench_vlm", ROOT / "benchmarks" / "bench_vlm.py")
+    bench_vlm = importlib.util.module_from_spec(_vlm_spec)
+    _vlm_spec.loader.exec_module(bench_vlm)
+    out = tmp_path / "vlm.json"
+    bench_vlm.main(["--smoke", "--images", "2,3", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+
+    saved = json.loads(out.read_text())
+    assert [w["images"] for w in saved["workloads"]] == [2, 3]
+    for workload in saved["workloads"]:
+        for side in ("original", "replaced"):
+            assert all(workload[side][step]["ms"] > 0 for step in ("tower", "prefill", "train")), side
+        assert workload["patches"] < workload["padded_patches"]  # mixed sizes (seed 0), padded
+        assert workload["tower_cosine"] > 0.999999 and workload["logits_cosine"] > 0.999999

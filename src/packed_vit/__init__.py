@@ -1,7 +1,7 @@
 """packed-vit: packed (NaViT-style) Siglip2-NaFlex and AIMv2 vision towers for Hugging Face transformers.
 
 Importing the package registers the configs, models and image processors with AutoConfig / AutoModel /
-AutoImageProcessor.
+AutoImageProcessor. `replace_vision_towers(model)` swaps transformers' towers inside a model (e.g. a VLM) for these.
 """
 
 from transformers import AutoConfig, AutoModel
@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration import Aimv2PackingVisionConfig, Siglip2PackingVisionConfig
 from .modeling import AIMv2Packing, Aimv2PackingVisionModel, Siglip2NaflexPacking, Siglip2PackingVisionModel
 from .processing import Aimv2PackingImageProcessor, Siglip2PackingImageProcessor, register_image_processor
+from .drop_in import replace_vision_towers
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,5 @@ __all__ = [
     "Siglip2PackingImageProcessor",
     "Siglip2PackingVisionConfig",
     "Siglip2PackingVisionModel",
+    "replace_vision_towers",
 ]
