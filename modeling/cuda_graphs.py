@@ -91,6 +91,7 @@ class StaticBuffers:
     patches: torch.Tensor  # [max_tokens, patch_dim]
     positions: torch.Tensor  # [max_tokens, D]
     last_hidden_state: torch.Tensor  # [max_tokens, D]
+    positions_of: tuple | None = None  # the batch layout whose positions `positions` holds (see `run`)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class CapturedForward:
     graph: torch.cuda.CUDAGraph | None  # None: the padded forward runs eagerly (`capture_graphs=False`)
     packed: PackedGrid  # its `frames.cu_seqlens` is rewritten before each replay
     pooler_output: torch.Tensor | None  # [segments, D] in the graphs' pool
+    cu_seqlens_of: bytes | None = None  # the grid_thw whose segments `packed.frames.cu_seqlens` holds
 
 
 def _module_slots(model: torch.nn.Module) -> list:
@@ -163,18 +165,24 @@ class CudaGraphRunner:
 
     def run(self, model, patches: torch.Tensor, packed: PackedGrid, backend: str, bucket: Bucket):
         """-> (last_hidden_state [N, D], pooler_output [F, D] or None) of `model` on this batch, by replay."""
-        positions = model.embeddings.positions(packed)  # [N, D], eager: host-side metadata of this batch
-        segment_lengths = bucket.segment_lengths(packed.frames.lengths)  # [segments], host
         if self.capture_graphs and (self.slots is None or not _slots_unchanged(self.slots)):
             self.reset()  # first call, or new modules or weights: capture again
             self.slots = _module_slots(model)
+        # What the positions and cu_seqlens in the static buffers are those of: a batch of the same grids as the
+        # last one (a service of fixed-size images) skips their host-side work; the weights' versions count
+        # in-place updates (load_state_dict) of the position table.
+        layout = (packed.grid_thw.numpy().tobytes(), tuple(p._version for p in model.embeddings.parameters()))
+        num_tokens = packed.num_tokens
         # Graph tensors must not be inference tensors: they are written in place on every later call.
         with torch.inference_mode(False), torch.no_grad():
-            buffers = self._buffers(patches, positions)
-            num_tokens = packed.num_tokens
+            buffers = self.buffers.get((patches.device, patches.dtype))
+            if buffers is None or buffers.positions_of != layout:
+                positions = model.embeddings.positions(packed)  # [N, D], eager: host-side metadata of this batch
+                buffers = self._buffers(patches, positions)
+                buffers.positions[:num_tokens].copy_(positions)
+                buffers.positions_of = layout
             buffers.patches[:num_tokens].copy_(patches)
-            buffers.positions[:num_tokens].copy_(positions)
-            captured = self._captured(model, bucket, backend, buffers, segment_lengths)
+            captured = self._captured(model, bucket, backend, buffers, packed.frames.lengths, layout)
             self.replays += 1
             last_hidden_state = buffers.last_hidden_state[:num_tokens].clone()
             pooler_output = captured.pooler_output
@@ -183,35 +191,38 @@ class CudaGraphRunner:
         return last_hidden_state, pooler_output
 
     def _buffers(self, patches: torch.Tensor, positions: torch.Tensor) -> StaticBuffers:
-        key = (patches.device, patches.dtype, positions.dtype)
-        if key not in self.buffers:
+        key = (patches.device, patches.dtype)
+        buffers = self.buffers.get(key)
+        if buffers is None or buffers.positions.dtype != positions.dtype:
             rows, width = self.max_tokens, positions.shape[1]
-            self.buffers[key] = StaticBuffers(
+            self.buffers[key] = buffers = StaticBuffers(
                 patches=patches.new_zeros(rows, patches.shape[1]),
                 positions=positions.new_zeros(rows, width),
                 last_hidden_state=positions.new_zeros(rows, width),
             )
-        return self.buffers[key]
+        return buffers
 
-    def _captured(self, model, bucket: Bucket, backend: str, buffers: StaticBuffers, segment_lengths):
+    def _captured(self, model, bucket: Bucket, backend: str, buffers: StaticBuffers, frame_lengths, layout):
         """The bucket's forward, run: replayed (after writing this batch's `cu_seqlens`), or captured first."""
         if not self.capture_graphs:  # the same padded forward, eagerly, with this batch's segments
-            captured = CapturedForward(None, bucket.packed(segment_lengths, buffers.patches.device), None)
-            captured.pooler_output = self._padded_forward(model, bucket, backend, buffers, captured.packed)
-            return captured
+            packed = bucket.packed(bucket.segment_lengths(frame_lengths), buffers.patches.device)
+            return CapturedForward(None, packed, self._padded_forward(model, bucket, backend, buffers, packed))
         key = (bucket, backend, buffers.patches.dtype, buffers.positions.dtype, buffers.patches.device)
         captured = self.graphs.get(key)
         if captured is None:
-            captured = self._capture(model, bucket, backend, buffers, segment_lengths)
+            captured = self._capture(model, bucket, backend, buffers, bucket.segment_lengths(frame_lengths))
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)  # the least recently used
             self.graphs[key] = captured
         else:
             self.graphs.move_to_end(key)
-            cu_seqlens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
-            torch.cumsum(segment_lengths, 0, out=cu_seqlens[1:])
-            captured.packed.frames.cu_seqlens.copy_(cu_seqlens, non_blocking=True)  # pageable: copied on the call
+            if captured.cu_seqlens_of != layout[0]:
+                segment_lengths = bucket.segment_lengths(frame_lengths)
+                cu_seqlens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
+                torch.cumsum(segment_lengths, 0, out=cu_seqlens[1:])
+                captured.packed.frames.cu_seqlens.copy_(cu_seqlens, non_blocking=True)  # pageable: copied now
             captured.graph.replay()
+        captured.cu_seqlens_of = layout[0]
         return captured
 
     def _padded_forward(self, model, bucket: Bucket, backend: str, buffers: StaticBuffers, packed: PackedGrid):

@@ -12,6 +12,7 @@ import torch
 from reference import FP32_REL_TOL, aimv2_pair, assert_matches_reference, random_packed, siglip2_pair
 from reference import aimv2_reference, siglip2_reference
 
+from packed_vit.modeling.conversion_siglip2 import convert_siglip2_state_dict
 from packed_vit.modeling.cuda_graphs import Bucket, CudaGraphRunner, _module_slots, _slots_unchanged
 
 TOWERS = {"siglip2": (siglip2_pair, siglip2_reference), "aimv2": (aimv2_pair, aimv2_reference)}
@@ -130,3 +131,18 @@ def test_moving_the_model_drops_its_graphs(tower):
     ours.cuda_graphs.graphs["stale"] = None  # stands in for a captured graph
     ours.to(torch.float64)
     assert not ours.cuda_graphs.graphs
+
+
+def test_positions_kept_for_the_same_grids_follow_in_place_weight_updates():
+    ref, ours = siglip2_pair()
+    ours.cuda_graphs = CudaGraphRunner(capture_graphs=False)
+    hidden_states, grid_thw = random_packed(BATCHES["mixed"], 48)
+    with torch.no_grad():
+        ours(hidden_states, grid_thw)  # the buffers now hold this layout's positions
+        table = next(p for name, p in ref.named_parameters() if name.endswith("embeddings.position_embedding.weight"))
+        table.mul_(2)
+        ours.load_state_dict(convert_siglip2_state_dict(ref.state_dict()))  # copies in place into ours
+        out = ours(hidden_states, grid_thw)  # the same grids: must see the new table
+        ref_last, ref_pooled = siglip2_reference(ref, hidden_states, grid_thw)
+    assert ours.cuda_graphs.replays == 2
+    assert_matches_reference(out, ref_last, ref_pooled, grid_thw, has_head=True, tol=FP32_REL_TOL)
