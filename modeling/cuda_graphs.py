@@ -137,6 +137,7 @@ class CudaGraphRunner:
         self.graphs: collections.OrderedDict[tuple, CapturedForward] = collections.OrderedDict()  # LRU order
         self.buffers: dict[tuple, StaticBuffers] = {}
         self.pool = None
+        self.warmup_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.slots: list | None = None
 
     def __deepcopy__(self, memo) -> "CudaGraphRunner":
@@ -238,7 +239,11 @@ class CudaGraphRunner:
     def _capture(self, model, bucket: Bucket, backend: str, buffers: StaticBuffers, segment_lengths):
         device = buffers.patches.device
         packed = bucket.packed(segment_lengths, device)  # this batch's cu_seqlens: the warm-up runs compute it
-        side_stream = torch.cuda.Stream(device)  # warm-up off the default stream, as torch's capture docs do
+        # Warm-up off the default stream, as torch's capture docs do; one stream per device for all captures, since
+        # cuBLAS keeps a workspace for every stream it ran on.
+        if device not in self.warmup_streams:
+            self.warmup_streams[device] = torch.cuda.Stream(device)
+        side_stream = self.warmup_streams[device]
         side_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side_stream):
             for _ in range(WARMUP_CALLS):
