@@ -99,10 +99,8 @@ def _tokens_of(starts: torch.Tensor, segments: torch.Tensor, length: int, device
     return host_to_device(device, tokens)
 
 
-def equal_length_groups(query_segments: Segments, key_segments: Segments):
-    """(groups, output_order): the segment pairs grouped by (query length, key length), built on the host once per
-    forward; the groups' query tokens concatenated, reordered by `output_order` ([Tq] on the device; None when
-    already in token order), are the packed query tokens."""
+def equal_length_groups(query_segments: Segments, key_segments: Segments) -> list[EqualLengthGroup]:
+    """The segment pairs grouped by (query length, key length), built on the host once per forward."""
     cached = query_segments.equal_length_groups.get(id(key_segments))
     if cached is not None:
         return cached
@@ -110,7 +108,7 @@ def equal_length_groups(query_segments: Segments, key_segments: Segments):
     key_starts = torch.cumsum(key_segments.lengths, 0) - key_segments.lengths
     length_pairs = torch.stack([query_segments.lengths, key_segments.lengths], 1)  # [S, 2]
     pairs, group_of_segment = torch.unique(length_pairs, dim=0, return_inverse=True)
-    groups, query_order = [], []
+    groups = []
     for index, (query_length, key_length) in enumerate(pairs.tolist()):
         if query_length == 0:  # nothing asks (zero-length padding segments, cuda_graphs.py)
             continue
@@ -122,12 +120,8 @@ def equal_length_groups(query_segments: Segments, key_segments: Segments):
                 _tokens_of(key_starts, segments, key_length, key_segments.device),
             )
         )  # fmt: skip
-        query_order.append((query_starts[segments, None] + torch.arange(query_length)).flatten())
-    order = torch.cat(query_order)  # [Tq]: the packed token of each row of the groups' concatenated outputs
-    in_order = torch.equal(order, torch.arange(len(order)))
-    output_order = None if in_order else host_to_device(query_segments.device, torch.argsort(order))
-    query_segments.equal_length_groups[id(key_segments)] = groups, output_order
-    return groups, output_order
+    query_segments.equal_length_groups[id(key_segments)] = groups
+    return groups
 
 
 def _take(x: torch.Tensor, tokens: slice | torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -141,8 +135,9 @@ def _take(x: torch.Tensor, tokens: slice | torch.Tensor, num_segments: int) -> t
 # torch.compile: the calls depend on the batch's set of lengths, which a compiled graph would specialise on.
 @torch.compiler.disable
 def _grouped_attention(query, key, value, query_segments, key_segments, scale, backend) -> torch.Tensor:
-    groups, output_order = equal_length_groups(query_segments, key_segments)
-    outputs = []
+    groups = equal_length_groups(query_segments, key_segments)
+    # Each group's result is written straight into its rows: no concatenation and reordering passes.
+    packed_out = query.new_empty(query.shape[0], query.shape[1], value.shape[2])  # [Tq, H, D]
     for group in groups:
         q = _take(query, group.query_tokens, group.num_segments)  # [n, H, Lq, D]
         k, v = _take(key, group.key_tokens, group.num_segments), _take(value, group.key_tokens, group.num_segments)
@@ -155,9 +150,14 @@ def _grouped_attention(query, key, value, query_segments, key_segments, scale, b
             out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
         else:
             raise ValueError(f"Unknown attention backend {backend!r}")
-        outputs.append(out.transpose(1, 2).flatten(0, 1))  # [n * Lq, H, D]
-    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-    return out if output_order is None else out.index_select(0, output_order)
+        out = out.transpose(1, 2)  # [n, Lq, H, D]
+        if isinstance(group.query_tokens, slice):
+            if len(groups) == 1 and group.query_tokens == slice(0, query.shape[0]):
+                return out.reshape(packed_out.shape)  # one group in token order: its result is the output
+            packed_out[group.query_tokens].view(out.shape).copy_(out)
+        else:
+            packed_out.index_copy_(0, group.query_tokens, out.flatten(0, 1))
+    return packed_out
 
 
 def varlen_attention(
