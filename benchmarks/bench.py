@@ -207,6 +207,21 @@ SMOKE_SWEEP = Sweep("siglip2_so400m", (2, 4), 16, (64, 256))
 
 
 @dataclass(frozen=True)
+class Latency:
+    """Small batches (DESIGN §12): `images` square images of `side` x `side` patches each, every pair in `batches`."""
+
+    tower: str
+    batches: tuple[tuple[int, int], ...]  # (images, side)
+    graph_max_kernel_ratio: float  # goal: latency with CUDA graphs <= this x the GPU's kernel time
+    min_speedup: dict  # goal: (images, side) -> reference ms / ours with CUDA graphs ms
+
+
+LATENCY = Latency("siglip2_so400m", ((1, 16), (4, 16), (16, 16), (1, 32), (4, 32), (16, 32)), 1.3,
+                  {(1, 16): 4.0, (4, 16): 4.0})  # fmt: skip
+SMOKE_LATENCY = dataclasses.replace(LATENCY, batches=((1, 4), (4, 4)), min_speedup={})
+
+
+@dataclass(frozen=True)
 class Settings:
     device: torch.device
     repeats: int
@@ -481,6 +496,24 @@ def host_sync_check(run: Callable[[], object], device: torch.device) -> tuple[bo
     return True, "no synchronizing CUDA call"
 
 
+def gpu_kernel_ms(run: Callable[[], object], repeats: int, device: torch.device) -> float | None:
+    """Milliseconds the GPU spends in kernels (and copies) per call, from the profiler: the floor a call's latency
+    could reach if nothing waited for the host. None on the CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize()
+    # self time: each kernel counted once, under the op that launched it
+    self_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in profiler.key_averages())
+    return self_us / 1e3 / repeats
+
+
 def min_image_cosine(ours_tokens: torch.Tensor, reference_tokens: torch.Tensor, image_tokens: list[int]) -> float:
     """Lowest per-image cosine of ours vs the reference: proof that both sides computed the same images."""
     pairs = zip(ours_tokens.float().split(image_tokens), reference_tokens.float().split(image_tokens))
@@ -609,8 +642,66 @@ def run_workload(workload: Workload, pair: Pair, settings: Settings, ceiling_tfl
     return record
 
 
+def run_latency(latency: Latency, pair: Pair, settings: Settings, generator) -> tuple[list[dict], dict]:
+    """Small-batch latency: ours eager, ours with CUDA graphs, the reference (padded batch, as in W1), the GPU's kernel
+    time of our eager forward (profiler) and one replay of the captured graph alone. -> (rows, graph memory)."""
+    model, on_gpu = pair.ours_eager, settings.device.type == "cuda"
+    batches = [
+        make_batch([(1, side, side)] * images, pair.config, "padded", side * side, settings.device, generator)
+        for images, side in latency.batches
+    ]
+    # The graphs' memory: captured one after the other right after emptying torch's cache, so that what they
+    # allocate (static buffers, their private pool) is what torch reserves anew.
+    if on_gpu:
+        gc.collect()
+        torch.cuda.empty_cache()
+        allocated_before, reserved_before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    model.enable_cuda_graphs()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch.patches, batch.grid_thw)
+    memory = dict(graphs=len(model.cuda_graphs.graphs), max_tokens=model.cuda_graphs.max_tokens)
+    if on_gpu:
+        torch.cuda.synchronize()
+        memory["allocated_gib"] = (torch.cuda.memory_allocated() - allocated_before) / GIB
+        memory["reserved_gib"] = (torch.cuda.memory_reserved() - reserved_before) / GIB
+    rows = []
+    for (images, side), batch in zip(latency.batches, batches):
+        ours, reference = side_runs(pair, batch, backward=False)
+        replays_before = model.cuda_graphs.replays
+        with_graphs = measure_side(ours, settings.repeats, 0, settings)["ms"]
+        captured = list(model.cuda_graphs.graphs.values())
+        replay_ms = None
+        if captured and captured[-1].graph is not None:  # the graph this batch replays: the most recently used
+            replay_ms = statistics.median(time_ms(captured[-1].graph.replay, settings.repeats, 1, settings.device))
+        with_graphs_out = ours().last_hidden_state
+        graphs, model.cuda_graphs = model.cuda_graphs, None
+        cosine = min_image_cosine(with_graphs_out, ours().last_hidden_state, batch.image_tokens)  # vs eager
+        eager_ms = measure_side(ours, settings.repeats, 0, settings)["ms"]
+        kernel_ms = gpu_kernel_ms(ours, settings.repeats, settings.device)
+        model.cuda_graphs = graphs
+        reference_ms = measure_side(reference, settings.repeats, 0, settings)["ms"]
+        row = dict(
+            images=images, patches=side * side, tokens=images * side * side, ours_ms=eager_ms,
+            ours_graphs_ms=with_graphs, reference_ms=reference_ms, kernel_ms=kernel_ms, graph_replay_ms=replay_ms,
+            graphs_replayed=graphs.replays > replays_before, graphs_over_kernel=ratio(with_graphs, kernel_ms),
+            speedup_vs_reference=ratio(reference_ms, with_graphs), min_image_cosine_graphs_vs_eager=cosine,
+        )  # fmt: skip
+        goals = [(row["graphs_over_kernel"], "<=", latency.graph_max_kernel_ratio)]
+        goals.append((row[SPEEDUP], ">=", latency.min_speedup.get((images, side), 1.0)))
+        verdicts = [None if v is None else (v <= t if op == "<=" else v >= t) for v, op, t in goals]
+        row["met"] = all_met(verdicts)
+        log(f"[latency] {images} x {side * side}: ours {eager_ms:.2f} ms, with graphs {with_graphs:.2f} ms, "
+            f"reference {reference_ms:.2f} ms, kernels {fmt(kernel_ms, '.2f')} ms, "
+            f"replay {fmt(replay_ms, '.2f')} ms")  # fmt: skip
+        rows.append(row)
+    model.disable_cuda_graphs()
+    return rows, memory
+
+
 def run_sweep(sweep: Sweep, pair: Pair, settings: Settings, generator) -> list[dict]:
-    """Forward throughput and peak memory of both sides as the total tokens grow (reference padded)."""
+    """Forward throughput and peak memory of both sides as the total tokens grow (reference padded); ours also with
+    CUDA graphs (`enable_cuda_graphs()` defaults: eager above its max_tokens)."""
     points = []
     for target in sweep.tokens:
         grids = grids_for_tokens(target, sweep.sides, sweep.max_patches, generator)
@@ -624,7 +715,13 @@ def run_sweep(sweep: Sweep, pair: Pair, settings: Settings, generator) -> list[d
             point[f"{side}_tokens_per_s"] = None if result is None else point["tokens"] / (result["ms"] * 1e-3)
             point[f"{side}_peak_gib"] = None if result is None else result["peak_gib"]
             point[f"{side}_out_of_memory"] = result is None
+        pair.ours_eager.enable_cuda_graphs()
+        result = unless_out_of_memory(lambda: measure_side(runs["ours"], settings.repeats, 0, settings))
+        point["ours_graphs_ms"] = None if result is None else result["ms"]
+        point["ours_graphs_replayed"] = pair.ours_eager.cuda_graphs.replays > 0
+        pair.ours_eager.disable_cuda_graphs()
         log(f"[sweep] {point['tokens']:>7} tokens, {len(grids):>4} images: ours {fmt(point['ours_ms'], '.2f')} ms, "
+            f"with graphs {fmt(point['ours_graphs_ms'], '.2f')} ms, "
             f"reference {fmt(point['reference_ms'], '.2f', 'OOM')} ms")  # fmt: skip
         points.append(point)
         del batch, runs  # the next point's inputs need the room
@@ -676,7 +773,26 @@ WORKLOAD_HEADER = [
     "workload", "ours ms", "ref ms", "speedup", "useful TFLOP/s", "% of ceiling", "peak mem ours / ref GiB", "ratio",
     "goal", "met?",
 ]  # fmt: skip
-SWEEP_HEADER = ["tokens", "images", "ours ms", "ref ms", "ours tok/s", "ref tok/s", "ours GiB", "ref GiB"]
+SWEEP_HEADER = [
+    "tokens", "images", "ours ms", "ours + graphs ms", "ref ms", "ours tok/s", "ref tok/s", "ours GiB", "ref GiB"
+]  # fmt: skip
+LATENCY_HEADER = [
+    "images x patches", "ours ms", "ours + graphs ms", "ref ms", "GPU kernel ms (ours)", "one graph replay ms",
+    "graphs / kernel", "speedup (graphs)", "min cosine graphs vs eager", "goal met?",
+]  # fmt: skip
+
+
+def latency_rows(results: dict) -> list[list[str]]:
+    return [
+        [
+            f"{r['images']} x {r['patches']}", fmt(r["ours_ms"], ".2f"),
+            fmt(r["ours_graphs_ms"], ".2f") + ("" if r["graphs_replayed"] else " (eager)"),
+            fmt(r["reference_ms"], ".2f"),
+            fmt(r["kernel_ms"], ".2f"), fmt(r["graph_replay_ms"], ".2f"), fmt(r["graphs_over_kernel"], ".2f"),
+            fmt(r[SPEEDUP], ".2f") + "x", fmt(r["min_image_cosine_graphs_vs_eager"], ".5f"), verdict(r["met"]),
+        ]
+        for r in results["latency"]
+    ]  # fmt: skip
 
 
 def sweep_rows(results: dict) -> list[list[str]]:
@@ -684,7 +800,9 @@ def sweep_rows(results: dict) -> list[list[str]]:
     for p in results["token_sweep"]:
         ours, ref = missing(p, "ours"), missing(p, "reference")
         rows.append([
-            str(p["tokens"]), str(p["images"]), fmt(p["ours_ms"], ".2f", ours), fmt(p["reference_ms"], ".2f", ref),
+            str(p["tokens"]), str(p["images"]), fmt(p["ours_ms"], ".2f", ours),
+            fmt(p["ours_graphs_ms"], ".2f", ours) + ("" if p["ours_graphs_replayed"] else " (eager)"),
+            fmt(p["reference_ms"], ".2f", ref),
             fmt(p["ours_tokens_per_s"], ".3g", ours), fmt(p["reference_tokens_per_s"], ".3g", ref),
             fmt(p["ours_peak_gib"], ".2f", ours), fmt(p["reference_peak_gib"], ".2f", ref),
         ])  # fmt: skip
@@ -742,6 +860,27 @@ def write_results_md(results: dict, path: Path, plot_written: bool) -> None:
                 f"{fmt(r['min_image_cosine_vs_reference'], '.5f')}"
             )
         lines.append("")
+    if results["latency"]:
+        setup, memory = results["latency_setup"], results["latency_graph_memory"]
+        lines += [
+            "## Small batches (latency)",
+            "",
+            f"{setup['tower']}, forward of N square images, reference padded as in W1. Ours with CUDA graphs: "
+            "`model.enable_cuda_graphs()` (defaults), every bucket captured before the timing. GPU kernel ms: the "
+            f"profiler's kernel time of our eager forward. Goals: graphs <= {setup['graph_max_kernel_ratio']}x the "
+            "kernel time, never slower than the reference"
+            + "".join(f", {k} >= {v}x faster" for k, v in setup["min_speedup"].items()) + ".",
+            "",
+        ]
+        lines += markdown_table(LATENCY_HEADER, latency_rows(results)) + [""]
+        if "reserved_gib" in memory:
+            lines += [
+                f"Memory of the CUDA graphs after capturing these {memory['graphs']} buckets (max_tokens "
+                f"{memory['max_tokens']}): {memory['allocated_gib']:.3f} GiB allocated (static buffers and graph "
+                f"outputs), {memory['reserved_gib']:.3f} GiB reserved anew by torch (those and the graphs' shared "
+                "pool).",
+                "",
+            ]
     if results["token_sweep"]:
         sweep = results["token_sweep_setup"]
         lines += [
@@ -799,6 +938,8 @@ def print_table(results: dict) -> None:
           f"host sync: {host_sync_summary(results)} | all goals met: {verdict(results['all_goals_met'])}")  # fmt: skip
     if results["token_sweep"]:
         print(format_columns(SWEEP_HEADER, sweep_rows(results)))
+    if results["latency"]:
+        print(format_columns(LATENCY_HEADER, latency_rows(results)))
     if results["workloads"]:
         header = ["id", "ours ms", "ref ms", "speedup", "TFLOP/s", "%ceil", "mem GiB", "ratio", "goal", "met"]
         print(format_columns(header, workload_rows(results)))
@@ -818,6 +959,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="W1,W2,W3,W4,W5", help="comma-separated subset of W1..W5")
     parser.add_argument("--no-sweep", action="store_true", help="skip the token-scaling sweep")
+    parser.add_argument("--no-latency", action="store_true", help="skip the small-batch latency table")
     parser.add_argument(
         "--backend",
         default="auto",
@@ -830,10 +972,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    unknown = set(workload_keys(args)) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
     return args
+
+
+def workload_keys(args) -> list[str]:
+    return [key for key in args.workloads.split(",") if key]  # --workloads "": none
 
 
 RECORD_ENVIRONMENT = ("device", "torch", "transformers", "backend", "compile", "command")
@@ -858,7 +1004,7 @@ def main(argv=None) -> dict:
     log(f"packed_vit from {Path(packed_vit.__file__).parent}; device {device_name(device)}")
 
     command = shlex.join(sys.orig_argv if argv is None else ["python", "benchmarks/bench.py", *argv])
-    results = dict(environment=environment(args, settings, command), workloads={}, token_sweep=[])
+    results = dict(environment=environment(args, settings, command), workloads={}, token_sweep=[], latency=[])
     # The ceiling is measured first; again at the end, the same product says whether the GPU drifted meanwhile.
     results["matmul_ceiling_tflops"] = matmul_tflops(settings)
     log(f"[ceiling] bf16 {settings.matmul_size}^3 matmul: {results['matmul_ceiling_tflops']:.1f} TFLOP/s")
@@ -871,7 +1017,7 @@ def main(argv=None) -> dict:
             results["environment"]["backend"] = pairs[tower_key].backend
         return pairs[tower_key]
 
-    for key in args.workloads.split(","):
+    for key in workload_keys(args):
         workload = WORKLOADS[key].for_smoke() if args.smoke else WORKLOADS[key]
         record = run_workload(workload, pair_of(workload.tower), settings, results["matmul_ceiling_tflops"], generator)
         # each record carries what it was measured with, so that it can be read alone
@@ -890,11 +1036,25 @@ def main(argv=None) -> dict:
         results["token_sweep_setup"] = dict(dataclasses.asdict(sweep), tower=TOWERS[sweep.tower].label(args.smoke))
         results["token_sweep"] = run_sweep(sweep, pair_of(sweep.tower), settings, generator)
 
+    if not args.no_latency:
+        latency = SMOKE_LATENCY if args.smoke else LATENCY
+        results["latency_setup"] = dict(
+            tower=TOWERS[latency.tower].label(args.smoke), batches=latency.batches,
+            graph_max_kernel_ratio=latency.graph_max_kernel_ratio,
+            min_speedup={f"{i} x {side * side}": v for (i, side), v in latency.min_speedup.items()},
+        )  # fmt: skip
+        results["latency"], results["latency_graph_memory"] = run_latency(
+            latency, pair_of(latency.tower), settings, generator
+        )
+
     results["matmul_tflops_end"] = matmul_tflops(settings)
     log(f"[ceiling] again at the end: {results['matmul_tflops_end']:.1f} TFLOP/s")
     checked = [r["host_sync_free"] for r in results["workloads"].values() if not WORKLOADS[r["id"]].backward]
     results["host_sync_free"] = all_met(checked) if checked else None
-    results["all_goals_met"] = all_met([r["met"] for r in results["workloads"].values()] + [results["host_sync_free"]])
+    results["all_goals_met"] = all_met(
+        [r["met"] for r in results["workloads"].values()] + [r["met"] for r in results["latency"]]
+        + [results["host_sync_free"]]
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_written = bool(results["token_sweep"]) and write_scaling_plot(results, args.out_dir / "scaling.png")

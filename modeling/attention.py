@@ -9,19 +9,20 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packing import PackedGrid, Segments
+from .packing import PackedGrid, Segments, host_to_device
 
 # name -> what it needs. "auto" picks the fastest one that needs no extra package.
 ATTENTION_BACKENDS = {
     "varlen_attn": "torch >= 2.10 built with CUDA (torch.nn.attention.varlen.varlen_attn); CUDA fp16/bf16",
     "flash_attention_2": "the flash-attn package: pip install 'packed-vit[flash]'; CUDA fp16/bf16",
     "flash_attention_4": "the flash-attn-4 package (CuTe DSL, Hopper/Blackwell): pip install 'packed-vit[flash4]'",
-    "sdpa": "pure PyTorch, any device and dtype (padded per-frame batch, masked)",
+    "sdpa": "pure PyTorch, any device and dtype (one unmasked call per group of equal-length frames)",
     "eager": "pure PyTorch matmul + fp32 softmax, any device and dtype (the reference math)",
 }
 FLASH_BACKENDS = ("varlen_attn", "flash_attention_2", "flash_attention_4")
@@ -77,21 +78,86 @@ def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dt
     return name
 
 
-@torch.compiler.disable  # host-side, data-dependent shapes: eager under torch.compile (see pack_inputs)
-def _padded_layouts(query_segments: Segments, key_segments: Segments):
-    """Both layouts in one call, so an attention under torch.compile has one graph break, not one per tensor."""
-    return query_segments.padded_layout, key_segments.padded_layout
+@dataclass(frozen=True)
+class EqualLengthGroup:
+    """Segments that share one (query length, key length): one unmasked attention call as a [n, H, L, D] batch."""
+
+    num_segments: int
+    query_length: int
+    key_length: int
+    # the group's tokens in segment order: a contiguous range (a view, no copy) or an index tensor on the device
+    query_tokens: slice | torch.Tensor
+    key_tokens: slice | torch.Tensor
 
 
-def _pad(x: torch.Tensor, slot: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """[T, H, D] packed -> [S, H, L, D] padded with zeros (differentiable)."""
-    padded = x.new_zeros(segments.num_segments * segments.max_seqlen, *x.shape[1:]).index_copy(0, slot, x)
-    return padded.view(segments.num_segments, segments.max_seqlen, *x.shape[1:]).transpose(1, 2)
+def _tokens_of(starts: torch.Tensor, segments: torch.Tensor, length: int, device) -> slice | torch.Tensor:
+    """The tokens of `segments` (host ids, ascending), each `length` long: a range when they are consecutive."""
+    first = int(starts[segments[0]])
+    if int(segments[-1] - segments[0]) + 1 == len(segments):  # consecutive segments: consecutive tokens
+        return slice(first, first + len(segments) * length)
+    tokens = (starts[segments, None] + torch.arange(length)).flatten()  # [n * length], host
+    return host_to_device(device, tokens)
 
 
-def _unpad(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """[S, H, L, D] padded -> [T, H, D] packed."""
-    return x.transpose(1, 2).flatten(0, 1)[slot]
+def equal_length_groups(query_segments: Segments, key_segments: Segments) -> list[EqualLengthGroup]:
+    """The segment pairs grouped by (query length, key length), built on the host once per forward."""
+    cached = query_segments.equal_length_groups.get(id(key_segments))
+    if cached is not None:
+        return cached
+    query_starts = torch.cumsum(query_segments.lengths, 0) - query_segments.lengths  # [S], host
+    key_starts = torch.cumsum(key_segments.lengths, 0) - key_segments.lengths
+    length_pairs = torch.stack([query_segments.lengths, key_segments.lengths], 1)  # [S, 2]
+    pairs, group_of_segment = torch.unique(length_pairs, dim=0, return_inverse=True)
+    groups = []
+    for index, (query_length, key_length) in enumerate(pairs.tolist()):
+        if query_length == 0:  # nothing asks (zero-length padding segments, cuda_graphs.py)
+            continue
+        segments = (group_of_segment == index).nonzero().squeeze(1)  # [n], ascending
+        groups.append(
+            EqualLengthGroup(
+                len(segments), query_length, key_length,
+                _tokens_of(query_starts, segments, query_length, query_segments.device),
+                _tokens_of(key_starts, segments, key_length, key_segments.device),
+            )
+        )  # fmt: skip
+    query_segments.equal_length_groups[id(key_segments)] = groups
+    return groups
+
+
+def _take(x: torch.Tensor, tokens: slice | torch.Tensor, num_segments: int) -> torch.Tensor:
+    """[T, H, D] packed -> [n, H, L, D]: the group's segments as a batch."""
+    rows = x[tokens] if isinstance(tokens, slice) else x.index_select(0, tokens)
+    return rows.view(num_segments, -1, *x.shape[1:]).transpose(1, 2)
+
+
+# Pure PyTorch: one unmasked attention call per group of equal-length segments, no padding, the way the reference
+# runs each image alone (the same function, one call per distinct length instead of per image). Eager also under
+# torch.compile: the calls depend on the batch's set of lengths, which a compiled graph would specialise on.
+@torch.compiler.disable
+def _grouped_attention(query, key, value, query_segments, key_segments, scale, backend) -> torch.Tensor:
+    groups = equal_length_groups(query_segments, key_segments)
+    # Each group's result is written straight into its rows: no concatenation and reordering passes.
+    packed_out = query.new_empty(query.shape[0], query.shape[1], value.shape[2])  # [Tq, H, D]
+    for group in groups:
+        q = _take(query, group.query_tokens, group.num_segments)  # [n, H, Lq, D]
+        k, v = _take(key, group.key_tokens, group.num_segments), _take(value, group.key_tokens, group.num_segments)
+        if group.key_length == 0:  # a query with nothing to attend to (padding, cuda_graphs.py): zeros, as FA2
+            out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+        elif backend == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        elif backend == "eager":
+            scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+            out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        else:
+            raise ValueError(f"Unknown attention backend {backend!r}")
+        out = out.transpose(1, 2)  # [n, Lq, H, D]
+        if isinstance(group.query_tokens, slice):
+            if len(groups) == 1 and group.query_tokens == slice(0, query.shape[0]):
+                return out.reshape(packed_out.shape)  # one group in token order: its result is the output
+            packed_out[group.query_tokens].view(out.shape).copy_(out)
+        else:
+            packed_out.index_copy_(0, group.query_tokens, out.flatten(0, 1))
+    return packed_out
 
 
 def varlen_attention(
@@ -135,21 +201,7 @@ def varlen_attention(
             )  # fmt: skip
         return out[0] if isinstance(out, tuple) else out  # flash-attn 4 returns (out, lse)
 
-    # Pure PyTorch: one padded [segments, heads, max_len, head_dim] batch, padding keys masked out. Every
-    # query row sees at least one real key, so no row is fully masked.
-    (query_slot, _), (key_slot, key_valid) = _padded_layouts(query_segments, key_segments)
-    mask = key_valid[:, None, None, :]  # [S, 1, 1, Lk]
-    q = _pad(query, query_slot, query_segments)
-    k, v = _pad(key, key_slot, key_segments), _pad(value, key_slot, key_segments)
-    if backend == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    elif backend == "eager":
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
-    else:
-        raise ValueError(f"Unknown attention backend {backend!r}")
-    return _unpad(out, query_slot)
+    return _grouped_attention(query, key, value, query_segments, key_segments, scale, backend)
 
 
 class PackedSelfAttention(nn.Module):

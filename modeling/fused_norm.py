@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -49,6 +51,18 @@ if triton is not None:
 # the host more than torch's kernels do (H200 host: 24 us for fused add + LayerNorm vs 20 us for torch's add and
 # LayerNorm, 14 us for its LayerNorm alone), more than the pass saves on the GPU (benchmarks/RESULTS.md).
 FUSED_ADD_NORM_MIN_TOKENS = 8192
+
+
+@contextlib.contextmanager
+def fused_add_norm_from(min_tokens: int):
+    """Within: the fused pass runs from `min_tokens` tokens (cuda_graphs.py captures graphs, which launch nothing from
+    the host, with its own threshold)."""
+    global FUSED_ADD_NORM_MIN_TOKENS
+    saved, FUSED_ADD_NORM_MIN_TOKENS = FUSED_ADD_NORM_MIN_TOKENS, min_tokens
+    try:
+        yield
+    finally:
+        FUSED_ADD_NORM_MIN_TOKENS = saved
 
 
 def fused_add_norm_applies(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:

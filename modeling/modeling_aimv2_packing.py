@@ -19,6 +19,7 @@ from .conversion_aimv2 import convert_aimv2_config, convert_aimv2_state_dict
 # its module cache: every module this file needs, even through another, is imported here.
 from .checkpoint_loading import load_pretrained  # noqa: F401
 from .attention import PackedSelfAttention, varlen_attention
+from .cuda_graphs import CudaGraphRunner  # noqa: F401
 from .fused_norm import ResidualNorm
 from .packed_model import LastHiddenStateModule, PackedEncoder, PackedVisionPreTrainedModel
 from .packing import PackedGrid
@@ -69,17 +70,20 @@ class Aimv2PackingVisionEmbeddings(nn.Module):
             self.position_embedding = nn.Embedding(self.trained_side**2, config.hidden_size)
 
     def forward(self, patches: torch.Tensor, packed: PackedGrid) -> torch.Tensor:
+        return self.embed_patches(patches) + self.positions(packed)
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
         # Conv2d weight [D, C, p, p] -> [D, p*p*C] in the patches' (row, col, channel) order: no image rebuilt.
         weight = self.patch_embed.weight.permute(0, 2, 3, 1).flatten(1)
         hidden_states = F.linear(patches.to(weight.dtype), weight, self.patch_embed.bias)  # [N, D]
-        hidden_states = self.rms_norm(hidden_states)
-        if self.config.is_native:
-            positions = sincos_position_embedding(
-                packed, self.config.hidden_size, hidden_states.device, hidden_states.dtype
-            )
-        else:
-            positions = self.learned_positions(packed)
-        return hidden_states + positions
+        return self.rms_norm(hidden_states)
+
+    def positions(self, packed: PackedGrid) -> torch.Tensor:
+        """[N, D]: sin-cos in the dtype `embed_patches` returns (its RMSNorm's: input and weight promoted)."""
+        if not self.config.is_native:
+            return self.learned_positions(packed)
+        dtype = torch.promote_types(self.patch_embed.weight.dtype, self.rms_norm.weight.dtype)
+        return sincos_position_embedding(packed, self.config.hidden_size, self.rms_norm.weight.device, dtype)
 
     def learned_positions(self, packed: PackedGrid) -> torch.Tensor:
         mode = self.config.position_resize_mode

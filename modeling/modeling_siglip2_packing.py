@@ -19,6 +19,7 @@ from .conversion_siglip2 import convert_siglip2_config, convert_siglip2_state_di
 # its module cache: every module this file needs, even through another, is imported here.
 from .checkpoint_loading import load_pretrained  # noqa: F401
 from .attention import PackedSelfAttention, varlen_attention
+from .cuda_graphs import CudaGraphRunner  # noqa: F401
 from .fused_norm import PackedLayerNorm
 from .packed_model import LastHiddenStateModule, PackedEncoder, PackedVisionPreTrainedModel
 from .packing import PackedGrid
@@ -35,10 +36,14 @@ class Siglip2PackingVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)  # a sqrt x sqrt grid
 
     def forward(self, patches: torch.Tensor, packed: PackedGrid) -> torch.Tensor:
-        patch_embeds = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))  # [N, D]
+        return self.embed_patches(patches) + self.positions(packed)
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))  # [N, D]
+
+    def positions(self, packed: PackedGrid) -> torch.Tensor:
         # transformers resizes with bilinear + antialias, align_corners=False
-        positions = resized_position_embedding(self.position_embedding.weight, packed, "bilinear")
-        return patch_embeds + positions
+        return resized_position_embedding(self.position_embedding.weight, packed, "bilinear")  # [N, D]
 
 
 class Siglip2PackingMLP(nn.Module):

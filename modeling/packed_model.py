@@ -10,8 +10,10 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 
 from .attention import check_attn_implementation, resolve_attn_implementation
 from .checkpoint_loading import load_pretrained
+from .cuda_graphs import CudaGraphRunner
 from .packing import PackedGrid, pack_inputs
 from .reference_calls import PaddedBatch
+
 
 class PackedEncoder(nn.Module):
     """The stack of encoder layers, all run on the same per-forward `packed` metadata (key prefix `layers.N`)."""
@@ -85,18 +87,59 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
 
-        embeddings = self.embeddings(patches, packed)  # [N, D]
-        encoded = self.encoder(embeddings, packed, backend, output_hidden_states)
-        last_hidden_state = self.final_norm(encoded.last_hidden_state)
-        head = getattr(self, "head", None)
-        pooler_output = head(last_hidden_state, packed, backend) if head is not None else None  # [F, D]
+        graphs = self.cuda_graphs
+        bucket = graphs.bucket_for(patches, packed, backend, output_hidden_states) if graphs is not None else None
+        if bucket is not None:  # a captured CUDA graph replays the whole forward after the embeddings' positions
+            last_hidden_state, pooler_output = graphs.run(self, patches, packed, backend, bucket)
+            all_hidden_states = None
+        else:
+            embeddings = self.embeddings(patches, packed)  # [N, D]
+            last_hidden_state, pooler_output, all_hidden_states = self.encode(
+                embeddings, packed, backend, output_hidden_states
+            )
 
         output = BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=encoded.hidden_states
+            last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=all_hidden_states
         )
         if reference_call is not None:  # ---- back into the reference's shapes ----
             output = reference_call.unpack_output(output)
         return output if return_dict is not False else output.to_tuple()
+
+    def encode(self, embeddings: torch.Tensor, packed: PackedGrid, backend: str, output_hidden_states: bool = False):
+        """Everything after the embeddings: embeddings [N, D] -> (last_hidden_state [N, D], pooler_output [F, D] or
+        None, hidden_states per layer or None). Only device-side metadata is read here (`cu_seqlens`, `max_seqlen`),
+        which is what lets cuda_graphs.py capture it."""
+        encoded = self.encoder(embeddings, packed, backend, output_hidden_states)
+        last_hidden_state = self.final_norm(encoded.last_hidden_state)
+        head = getattr(self, "head", None)
+        pooler_output = head(last_hidden_state, packed, backend) if head is not None else None  # [F, D]
+        return last_hidden_state, pooler_output, encoded.hidden_states
+
+    # CUDA-graph replay of small inference batches (cuda_graphs.py): off until enabled.
+    cuda_graphs: CudaGraphRunner | None = None
+
+    def enable_cuda_graphs(self, max_tokens: int = 16384, max_frames: int = 256, max_graphs: int = 32):
+        """Inference on CUDA replays captured CUDA graphs for batches of up to `max_tokens` patches and `max_frames`
+        frames: one graph per size bucket, captured on the bucket's first batch; same calls, same outputs.
+
+        Memory: one pool of activations shared by all graphs (about the activations of one `max_tokens` forward) plus
+        static input and output buffers of `max_tokens` rows; benchmarks/RESULTS.md gives so400m's. Graphs are
+        dropped when the model is moved or cast, or its modules or parameters are replaced. Forward hooks run at
+        capture only. Returns the model.
+        """
+        self.cuda_graphs = CudaGraphRunner(max_tokens=max_tokens, max_frames=max_frames, max_graphs=max_graphs)
+        return self
+
+    def disable_cuda_graphs(self):
+        """Back to eager forwards; the graphs and their memory are released. Returns the model."""
+        self.cuda_graphs = None
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() may move every parameter: graphs captured on the old memory are dropped.
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.reset()
+        return super()._apply(fn, *args, **kwargs)
 
     def reference_call(self, patches, grid_thw, pixel_attention_mask, spatial_shapes) -> PaddedBatch | None:
         """The packed batch of a call in the reference tower's own form (reference_calls.py), or None."""

@@ -33,15 +33,20 @@ class Segments:
 
     lengths: torch.Tensor  # [S] int64, host
     device: torch.device
+    # A larger `max_seqlen` than the longest segment, for metadata that must fit a fixed bound (cuda_graphs.py)
+    max_seqlen_bound: int = 0
     cu_seqlens: torch.Tensor = field(init=False)  # [S + 1] int32, on `device`
-    max_seqlen: int = field(init=False)  # Python int: kernels size their launch grid with it
+    max_seqlen: int = field(init=False)  # Python int, >= every length: kernels size their launch grid with it
     num_tokens: int = field(init=False)
+    # attention.py's equal-length groups of this (query) segmentation against a key segmentation, built once per
+    # forward and shared by every layer; keyed by id() of the key Segments
+    equal_length_groups: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         cu_seqlens = torch.zeros(len(self.lengths) + 1, dtype=torch.int32)
         torch.cumsum(self.lengths, 0, out=cu_seqlens[1:])
         self.cu_seqlens = host_to_device(self.device, cu_seqlens)
-        self.max_seqlen = int(self.lengths.max()) if len(self.lengths) else 0
+        self.max_seqlen = max(int(self.lengths.max()) if len(self.lengths) else 0, self.max_seqlen_bound)
         self.num_tokens = int(self.lengths.sum())
 
     @property
@@ -59,14 +64,6 @@ class Segments:
         """[T] int64 on device: each token's position inside its segment."""
         starts = self.cu_seqlens[:-1].long()
         return torch.arange(self.num_tokens, device=self.device) - starts[self.token_segment]
-
-    @functools.cached_property
-    def padded_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slot [T], valid [S, max_seqlen]) of the padded `[S, max_seqlen]` batch of the pure-PyTorch path."""
-        slot = self.token_segment * self.max_seqlen + self.index_in_segment
-        lengths = host_to_device(self.device, self.lengths)
-        valid = torch.arange(self.max_seqlen, device=self.device)[None, :] < lengths[:, None]
-        return slot, valid
 
 
 @dataclass

@@ -253,3 +253,76 @@ def test_fused_add_norm_on_a_gpu_other_than_the_current_one():
     torch.cuda.synchronize(1)
     for a, b in zip(got, expected):
         assert a.device == torch.device("cuda:1") and torch.equal(a.cpu(), b.cpu())
+
+
+# CUDA graphs (modeling/cuda_graphs.py): replay within the bf16 contract, new batches in old buckets, no host sync.
+needs_varlen = pytest.mark.skipif("varlen_attn" not in available_backends(), reason="graphs replay varlen_attn")
+
+
+@needs_varlen
+@pytest.mark.parametrize("tower", ["siglip2", "aimv2_native"])
+def test_cuda_graph_replay_bf16(tower):
+    if tower == "siglip2":
+        config = dict(SO400M, vision_use_head=True)
+        ours = Siglip2PackingVisionModel(Siglip2PackingVisionConfig(**config)).enable_cuda_graphs()
+        ref_config = Siglip2VisionConfig(**config, attn_implementation="sdpa")
+        check_bf16(Siglip2VisionModel, ref_config, ours, SIGLIP2_GRIDS, siglip2_reference, "varlen_attn")
+    else:
+        config = dict(AIMV2_LARGE, is_native=True, use_head=True)
+        ours = Aimv2PackingVisionModel(Aimv2PackingVisionConfig(**config)).enable_cuda_graphs()
+        ref_config = Aimv2VisionConfig(**config, attn_implementation="sdpa")
+        check_bf16(Aimv2VisionModel, ref_config, ours, AIMV2_NATIVE_GRIDS, aimv2_reference, "varlen_attn")
+    assert ours.cuda_graphs.replays == 1 and len(ours.cuda_graphs.graphs) == 1  # the graph served the forward
+
+
+def per_frame_cosines(a, b, grid_thw):
+    return [F.cosine_similarity(x.double().flatten(), y.double().flatten(), dim=0).item()
+            for x, y in zip(split_frames(a, grid_thw), split_frames(b, grid_thw), strict=True)]  # fmt: skip
+
+
+@needs_varlen
+def test_cuda_graphs_replay_new_batches_like_eager_and_again_bit_for_bit():
+    model = Siglip2PackingVisionModel(Siglip2PackingVisionConfig(**dict(SO400M, num_hidden_layers=4)))
+    model = model.cuda().bfloat16().eval().enable_cuda_graphs()
+    batches = [
+        [(1, 16, 16)], [(1, 16, 16)],  # one bucket, no padding; new data
+        [(1, 10, 20), (1, 7, 8)], [(1, 12, 20), (1, 4, 4)],  # one bucket (256 tokens, 2 frames), new cu_seqlens
+        [(1, 5, 7), (3, 4, 6), (1, 1, 1), (1, 1, 30)],  # padding: a dummy segment and empty ones
+    ]
+    inputs = [random_packed(grids, 768) for grids in batches]
+    inputs = [(x.cuda().bfloat16(), grid_thw) for x, grid_thw in inputs]
+    with torch.no_grad():
+        first = [model(x, grid_thw) for x, grid_thw in inputs]
+        again = [model(x, grid_thw) for x, grid_thw in inputs]  # after the other graphs ran in the shared pool
+        graphs, model.cuda_graphs = model.cuda_graphs, None
+        eager = [model(x, grid_thw) for x, grid_thw in inputs]
+    assert graphs.replays == 2 * len(batches) and len(graphs.graphs) == 3
+    for (x, grid_thw), replayed, replayed_again, reference in zip(inputs, first, again, eager, strict=True):
+        assert torch.equal(replayed.last_hidden_state, replayed_again.last_hidden_state)
+        assert torch.equal(replayed.pooler_output, replayed_again.pooler_output)
+        assert replayed.pooler_output.shape == reference.pooler_output.shape
+        assert min(per_frame_cosines(replayed.last_hidden_state, reference.last_hidden_state, grid_thw)) >= MIN_COSINE
+        pooled = F.cosine_similarity(replayed.pooler_output.double(), reference.pooler_output.double(), dim=1)
+        assert pooled.min() >= MIN_COSINE
+
+
+@needs_varlen
+def test_cuda_graph_replay_does_not_sync_and_recaptures_for_new_modules():
+    model = Siglip2PackingVisionModel(Siglip2PackingVisionConfig(**dict(SO400M, num_hidden_layers=2)))
+    model = model.cuda().bfloat16().eval().enable_cuda_graphs()
+    x, grid_thw = random_packed([(1, 9, 11), (1, 3, 3)], 768)
+    x = x.cuda().bfloat16()
+    with torch.no_grad():
+        model(x, grid_thw)  # captures (capturing synchronizes)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x, grid_thw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        model.encoder.layers[1].mlp.fc2 = torch.nn.Linear(4304, 1152).cuda().bfloat16()  # as PEFT swaps modules
+        replayed = model(x, grid_thw)
+        graphs, model.cuda_graphs = model.cuda_graphs, None
+        eager = model(x, grid_thw)
+    assert graphs.replays == 3
+    assert min(per_frame_cosines(replayed.last_hidden_state, eager.last_hidden_state, grid_thw)) >= MIN_COSINE

@@ -1,0 +1,24 @@
+"""Probe (issue 16): CUDA-graph latency when every call brings other grids (position embeddings and cu_seqlens rebuilt
+on each call) vs the same grids each call. Run from the repo root on a GPU: python3 benchmarks/probe_graph_new_grids.py"""
+
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, "benchmarks")
+import bench  # noqa: E402
+
+pv = bench.packed_vit
+fields = bench.TOWERS["siglip2_so400m"].fields
+with torch.device("cuda"):
+    model = pv.Siglip2PackingVisionModel(pv.Siglip2PackingVisionConfig(**fields)).bfloat16().eval()
+model.enable_cuda_graphs()
+for images in (1, 4):
+    grids = [torch.tensor([[1, 16, 16]] * images), torch.tensor([[1, 8, 32]] * images)]  # one bucket, two layouts
+    x = torch.randn(images * 256, 768, device="cuda").bfloat16()
+    calls = iter(range(10**6))
+    alternating = torch.no_grad()(lambda: model(x, grids[next(calls) % 2]))
+    new_grids = statistics.median(bench.time_ms(alternating, 30, 4, torch.device("cuda")))
+    same = statistics.median(bench.time_ms(torch.no_grad()(lambda: model(x, grids[0])), 30, 3, torch.device("cuda")))
+    print(f"{images} x 256 with graphs: same grids each call {same:.3f} ms, new grids each call {new_grids:.3f} ms")

@@ -1,0 +1,258 @@
+"""CUDA-graph replay of the packed forward: small inference batches at the GPU's speed, not the host's.
+
+A forward of a few images is bound by the host launching ~500 kernels (so400m: ~8 ms of launches for ~2 ms of GPU
+work). A CUDA graph launches them all at once. A graph fixes every shape and every host-side argument, so batches
+are padded to a size bucket, and one graph is captured per bucket, on the bucket's first batch:
+
+- `Bucket`: total tokens rounded up to 1/8 of their power of two (at most 12.5% padding), `max_seqlen` (a host
+  int the kernels size their grids with) rounded up to a power of two, the number of segments to a power of two.
+  The padding tokens form trailing dummy segments of at most `max_seqlen` tokens, and segments left over are empty
+  (zero-length: the varlen kernels read each length from `cu_seqlens` on the device). Every op but attention works
+  on rows independently, and attention stays inside segments, so padding never reaches a real token.
+- What the graph reads changes in place before each replay: the patches, the position embeddings (built eagerly
+  from `grid_thw` on the host side, as in an eager forward) and `cu_seqlens`. Real tokens come first, so the
+  outputs are the first N rows and the first F pooled rows, copied out (the next replay overwrites them).
+- Memory: all graphs share one pool (about the activations of the largest bucket's forward: graphs run one at a
+  time and nothing of one is read after another replays) plus static buffers of `max_tokens` rows.
+
+Direct `torch.cuda.CUDAGraph` capture rather than `torch.compile(mode="reduce-overhead")`: no compile time (an
+Inductor compile of so400m per bucket), no recompiles or graph breaks around the host-side packing metadata, and
+the same kernels as the eager forward, so its outputs are the eager path's (tests/test_cuda.py).
+
+Eager instead (same outputs) when autograd records, on the CPU, off the `varlen_attn` backend (the one whose
+capture is tested), under autocast or torch.compile or an outer capture, with `output_hidden_states`, and for
+batches over `max_tokens` / `max_frames`.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import torch
+
+from .fused_norm import fused_add_norm_from
+from .packing import PackedGrid, Segments
+
+# Backends whose kernels are checked under capture (tests/test_cuda.py); flash-attn's would need the same checks.
+GRAPH_BACKENDS = ("varlen_attn",)
+# A graph launches no kernel from the host, so the fused add + norm (one Triton launch for two torch kernels) pays
+# at every size there; eagerly it waits for 8192 tokens (fused_norm.py).
+GRAPH_FUSED_ADD_NORM_MIN_TOKENS = 0
+WARMUP_CALLS = 2  # before a capture: Triton compiles, cuBLAS picks its kernels and allocates its workspace
+MIN_MAX_SEQLEN = 128  # below one 128-row tile the flash kernels launch the same grid: fewer distinct buckets
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The static sizes of one graph: `tokens` rows, `segments` segments of at most `max_seqlen` tokens each."""
+
+    tokens: int
+    segments: int
+    max_seqlen: int
+
+    @classmethod
+    def fitting(cls, num_tokens: int, num_frames: int, longest: int) -> "Bucket":
+        granularity = max(16, 1 << max(num_tokens.bit_length() - 4, 0))  # 1/8 of the tokens' power of two
+        tokens = -(-num_tokens // granularity) * granularity
+        max_seqlen = max(MIN_MAX_SEQLEN, _next_power_of_two(longest))
+        padding_segments = -(-(tokens - num_tokens) // max_seqlen)
+        return cls(tokens, _next_power_of_two(num_frames + padding_segments), max_seqlen)
+
+    def segment_lengths(self, frame_lengths: torch.Tensor) -> torch.Tensor:
+        """[F] real frame lengths -> [segments] int64 (host): the frames, the padding in chunks of <= max_seqlen,
+        then empty segments."""
+        padding = self.tokens - int(frame_lengths.sum())
+        full, rest = divmod(padding, self.max_seqlen)
+        chunks = torch.tensor([self.max_seqlen] * full + ([rest] if rest else []), dtype=torch.int64)
+        empty = torch.zeros(self.segments - len(frame_lengths) - len(chunks), dtype=torch.int64)
+        return torch.cat([frame_lengths, chunks, empty])
+
+    def packed(self, segment_lengths: torch.Tensor, device: torch.device) -> PackedGrid:
+        """The metadata a captured forward reads: only `frames` and `frame_queries` (their `cu_seqlens` on the
+        device, `max_seqlen` on the host); the grid fields describe each segment as a 1 x length frame."""
+        return PackedGrid(
+            grid_thw=torch.stack([torch.ones_like(segment_lengths)] * 2 + [segment_lengths], 1),
+            frame_heights=torch.ones_like(segment_lengths),
+            frame_widths=segment_lengths,
+            frames=Segments(segment_lengths, device, max_seqlen_bound=self.max_seqlen),
+            frame_queries=Segments(torch.ones_like(segment_lengths), device),
+        )
+
+
+@dataclass
+class StaticBuffers:
+    """Inputs and outputs of every graph of one (device, dtypes), `max_tokens` rows: each graph uses a prefix."""
+
+    patches: torch.Tensor  # [max_tokens, patch_dim]
+    positions: torch.Tensor  # [max_tokens, D]
+    last_hidden_state: torch.Tensor  # [max_tokens, D]
+    positions_of: tuple | None = None  # the batch layout whose positions `positions` holds (see `run`)
+
+
+@dataclass
+class CapturedForward:
+    graph: torch.cuda.CUDAGraph | None  # None: the padded forward runs eagerly (`capture_graphs=False`)
+    packed: PackedGrid  # its `frames.cu_seqlens` is rewritten before each replay
+    pooler_output: torch.Tensor | None  # [segments, D] in the graphs' pool
+    cu_seqlens_of: bytes | None = None  # the grid_thw whose segments `packed.frames.cu_seqlens` holds
+
+
+def _module_slots(model: torch.nn.Module) -> list:
+    """What a graph holds on to: every submodule and parameter object where it is registered, and each parameter's
+    memory (`.to()` on a submodule swaps `.data`). Checked before each replay: ~1700 lookups for so400m."""
+    slots = []
+    for module in model.modules():
+        slots += [(module._modules, name, child, None) for name, child in module._modules.items()]
+        parameters = [(name, p) for name, p in module._parameters.items() if p is not None]
+        slots += [(module._parameters, name, p, p.data_ptr()) for name, p in parameters]
+    return slots
+
+
+def _slots_unchanged(slots: list) -> bool:
+    for registry, name, registered, address in slots:
+        if registry.get(name) is not registered or (address is not None and registered.data_ptr() != address):
+            return False
+    return True
+
+
+class CudaGraphRunner:
+    """Captures and replays one CUDA graph per `Bucket`; see the module docstring. Not an `nn.Module`: it holds no
+    weights and is not saved; a copy of the model gets a runner with the same settings and no graphs."""
+
+    def __init__(self, max_tokens: int = 16384, max_frames: int = 256, max_graphs: int = 32, capture_graphs=True):
+        self.max_tokens, self.max_frames, self.max_graphs = max_tokens, max_frames, max_graphs
+        # False: each bucket's padded forward runs eagerly on any device and backend (how the CPU tests check it)
+        self.capture_graphs = capture_graphs
+        self.fused_add_norm_min_tokens = GRAPH_FUSED_ADD_NORM_MIN_TOKENS
+        self.replays = 0  # forwards served by a graph (or by the padded forward, without capture)
+        self.reset()
+
+    def reset(self) -> None:
+        """Drops every graph and buffer (their memory goes back to torch's allocator)."""
+        self.graphs: collections.OrderedDict[tuple, CapturedForward] = collections.OrderedDict()  # LRU order
+        self.buffers: dict[tuple, StaticBuffers] = {}
+        self.pool = None
+        self.warmup_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.slots: list | None = None
+
+    def __deepcopy__(self, memo) -> "CudaGraphRunner":
+        return CudaGraphRunner(self.max_tokens, self.max_frames, self.max_graphs, self.capture_graphs)
+
+    def __getstate__(self) -> dict:
+        return dict(max_tokens=self.max_tokens, max_frames=self.max_frames, max_graphs=self.max_graphs,
+                    capture_graphs=self.capture_graphs)  # fmt: skip
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def bucket_for(self, patches: torch.Tensor, packed: PackedGrid, backend: str, output_hidden_states):
+        """The bucket this forward replays, or None where it runs eagerly."""
+        if output_hidden_states or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        if not 0 < packed.num_tokens <= self.max_tokens or packed.num_frames > self.max_frames:
+            return None
+        if torch.is_autocast_enabled(patches.device.type):
+            return None
+        if self.capture_graphs:
+            on_graph_device = patches.is_cuda and backend in GRAPH_BACKENDS
+            if not on_graph_device or torch.cuda.is_current_stream_capturing():
+                return None
+        return Bucket.fitting(packed.num_tokens, packed.num_frames, packed.frames.max_seqlen)
+
+    def run(self, model, patches: torch.Tensor, packed: PackedGrid, backend: str, bucket: Bucket):
+        """-> (last_hidden_state [N, D], pooler_output [F, D] or None) of `model` on this batch, by replay."""
+        if self.capture_graphs and (self.slots is None or not _slots_unchanged(self.slots)):
+            self.reset()  # first call, or new modules or weights: capture again
+            self.slots = _module_slots(model)
+        # What the positions and cu_seqlens in the static buffers are those of: a batch of the same grids as the
+        # last one (a service of fixed-size images) skips their host-side work; the weights' versions count
+        # in-place updates (load_state_dict) of the position table.
+        layout = (packed.grid_thw.numpy().tobytes(), tuple(p._version for p in model.embeddings.parameters()))
+        num_tokens = packed.num_tokens
+        # Graph tensors must not be inference tensors: they are written in place on every later call.
+        with torch.inference_mode(False), torch.no_grad():
+            buffers = self.buffers.get((patches.device, patches.dtype))
+            if buffers is None or buffers.positions_of != layout:
+                positions = model.embeddings.positions(packed)  # [N, D], eager: host-side metadata of this batch
+                buffers = self._buffers(patches, positions)
+                buffers.positions[:num_tokens].copy_(positions)
+                buffers.positions_of = layout
+            buffers.patches[:num_tokens].copy_(patches)
+            captured = self._captured(model, bucket, backend, buffers, packed.frames.lengths, layout)
+            self.replays += 1
+            last_hidden_state = buffers.last_hidden_state[:num_tokens].clone()
+            pooler_output = captured.pooler_output
+            if pooler_output is not None:
+                pooler_output = pooler_output[: packed.num_frames].clone()
+        return last_hidden_state, pooler_output
+
+    def _buffers(self, patches: torch.Tensor, positions: torch.Tensor) -> StaticBuffers:
+        key = (patches.device, patches.dtype)
+        buffers = self.buffers.get(key)
+        if buffers is None or buffers.positions.dtype != positions.dtype:
+            rows, width = self.max_tokens, positions.shape[1]
+            self.buffers[key] = buffers = StaticBuffers(
+                patches=patches.new_zeros(rows, patches.shape[1]),
+                positions=positions.new_zeros(rows, width),
+                last_hidden_state=positions.new_zeros(rows, width),
+            )
+        return buffers
+
+    def _captured(self, model, bucket: Bucket, backend: str, buffers: StaticBuffers, frame_lengths, layout):
+        """The bucket's forward, run: replayed (after writing this batch's `cu_seqlens`), or captured first."""
+        if not self.capture_graphs:  # the same padded forward, eagerly, with this batch's segments
+            packed = bucket.packed(bucket.segment_lengths(frame_lengths), buffers.patches.device)
+            return CapturedForward(None, packed, self._padded_forward(model, bucket, backend, buffers, packed))
+        key = (bucket, backend, buffers.patches.dtype, buffers.positions.dtype, buffers.patches.device)
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self._capture(model, bucket, backend, buffers, bucket.segment_lengths(frame_lengths))
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)  # the least recently used
+            self.graphs[key] = captured
+        else:
+            self.graphs.move_to_end(key)
+            if captured.cu_seqlens_of != layout[0]:
+                segment_lengths = bucket.segment_lengths(frame_lengths)
+                cu_seqlens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
+                torch.cumsum(segment_lengths, 0, out=cu_seqlens[1:])
+                captured.packed.frames.cu_seqlens.copy_(cu_seqlens, non_blocking=True)  # pageable: copied now
+            captured.graph.replay()
+        captured.cu_seqlens_of = layout[0]
+        return captured
+
+    def _padded_forward(self, model, bucket: Bucket, backend: str, buffers: StaticBuffers, packed: PackedGrid):
+        """The captured function: embeddings of the static inputs -> encoder -> head, last_hidden_state written to
+        the static output. -> pooler_output [segments, D] or None."""
+        rows = bucket.tokens
+        embeddings = model.embeddings.embed_patches(buffers.patches[:rows]) + buffers.positions[:rows]
+        with fused_add_norm_from(self.fused_add_norm_min_tokens):
+            last_hidden_state, pooler_output, _ = model.encode(embeddings, packed, backend)
+        buffers.last_hidden_state[:rows].copy_(last_hidden_state)
+        return pooler_output
+
+    def _capture(self, model, bucket: Bucket, backend: str, buffers: StaticBuffers, segment_lengths):
+        device = buffers.patches.device
+        packed = bucket.packed(segment_lengths, device)  # this batch's cu_seqlens: the warm-up runs compute it
+        # Warm-up off the default stream, as torch's capture docs do; one stream per device for all captures, since
+        # cuBLAS keeps a workspace for every stream it ran on.
+        if device not in self.warmup_streams:
+            self.warmup_streams[device] = torch.cuda.Stream(device)
+        side_stream = self.warmup_streams[device]
+        side_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side_stream):
+            for _ in range(WARMUP_CALLS):
+                self._padded_forward(model, bucket, backend, buffers, packed)
+        torch.cuda.current_stream(device).wait_stream(side_stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=self.pool):
+            pooler_output = self._padded_forward(model, bucket, backend, buffers, packed)
+        graph.replay()  # capture records without running: this batch's outputs come from the first replay
+        return CapturedForward(graph, packed, pooler_output)

@@ -1,0 +1,148 @@
+"""CUDA-graph buckets (modeling/cuda_graphs.py), checked on the CPU: the padded metadata and the padded forward.
+
+Capture itself needs a GPU (tests/test_cuda.py). Everything a graph computes is checked here by running each
+bucket's padded forward eagerly (`CudaGraphRunner(capture_graphs=False)`): the same padding, dummy segments, empty
+segments and static buffers, with the pure-PyTorch attention instead of the flash kernel.
+"""
+
+import copy
+
+import pytest
+import torch
+from reference import FP32_REL_TOL, aimv2_pair, assert_matches_reference, random_packed, siglip2_pair
+from reference import aimv2_reference, siglip2_reference
+
+from packed_vit.modeling.conversion_siglip2 import convert_siglip2_state_dict
+from packed_vit.modeling.cuda_graphs import Bucket, CudaGraphRunner, _module_slots, _slots_unchanged
+
+TOWERS = {"siglip2": (siglip2_pair, siglip2_reference), "aimv2": (aimv2_pair, aimv2_reference)}
+# 1x1, elongated, video, a batch that fills its bucket exactly (no padding: every spare segment is empty), and
+# one that pads (a dummy segment); the same patch grids as the parity tests'
+BATCHES = {
+    "mixed": [(1, 1, 1), (1, 1, 23), (1, 19, 1), (2, 5, 7), (1, 16, 16)],
+    "fills_its_bucket": [(1, 8, 8), (1, 8, 8), (1, 4, 16)],
+    "one_frame_padded": [(1, 7, 9)],
+}
+
+
+@pytest.mark.parametrize(
+    "frame_lengths",
+    [[256], [256] * 4, [256] * 16, [1024], [1024] * 4, [1024] * 16, [1], [1, 1, 1], [63, 500, 2], [3000, 17], [40] * 90],
+    ids=str,
+)
+def test_bucket_holds_the_frames_then_padding_segments(frame_lengths):
+    lengths = torch.tensor(frame_lengths)
+    num_tokens = int(lengths.sum())
+    bucket = Bucket.fitting(num_tokens, len(lengths), int(lengths.max()))
+    segments = bucket.segment_lengths(lengths)
+    assert num_tokens <= bucket.tokens <= max(num_tokens * 1.125, 16)  # at most 1/8 padding (or a 16-token floor)
+    assert len(segments) == bucket.segments and int(segments.sum()) == bucket.tokens
+    assert torch.equal(segments[: len(lengths)], lengths)  # the real frames first, in order
+    assert int(segments.max()) <= bucket.max_seqlen  # every segment within the kernels' bound
+    assert (segments[len(lengths) :] >= 0).all()
+
+
+@pytest.mark.parametrize("num_images,side", [(1, 16), (4, 16), (16, 16), (1, 32), (4, 32), (16, 32)])
+def test_latency_table_batches_need_no_padding(num_images, side):
+    bucket = Bucket.fitting(num_images * side * side, num_images, side * side)
+    assert (bucket.tokens, bucket.segments) == (num_images * side * side, num_images)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("tower", TOWERS)
+def test_padded_bucket_forward_matches_the_reference(tower, batch):
+    make_pair, run_reference = TOWERS[tower]
+    ref, ours = make_pair()
+    ours.cuda_graphs = CudaGraphRunner(capture_graphs=False)
+    hidden_states, grid_thw = random_packed(BATCHES[batch], 48)
+    with torch.no_grad():
+        out = ours(hidden_states, grid_thw)
+        ref_last, ref_pooled = run_reference(ref, hidden_states, grid_thw)
+    assert ours.cuda_graphs.replays == 1  # the bucketed forward ran, not the eager one
+    assert_matches_reference(out, ref_last, ref_pooled, grid_thw, has_head=True, tol=FP32_REL_TOL)
+
+
+def test_buffers_written_under_inference_mode_are_written_again_outside_it():
+    ref, ours = siglip2_pair()
+    ours.cuda_graphs = CudaGraphRunner(capture_graphs=False)
+    hidden_states, grid_thw = random_packed(BATCHES["mixed"], 48)
+    with torch.inference_mode():
+        first = ours(hidden_states, grid_thw)
+    with torch.no_grad():
+        second = ours(hidden_states, grid_thw)  # in-place writes into the same static buffers
+    assert ours.cuda_graphs.replays == 2
+    torch.testing.assert_close(first.last_hidden_state, second.last_hidden_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "why,call",
+    [
+        ("autograd records", lambda model, x, grid: model(x, grid)),
+        ("hidden states asked for", lambda model, x, grid: torch.no_grad()(model)(x, grid, output_hidden_states=True)),
+        ("more tokens than max_tokens", lambda model, x, grid: torch.no_grad()(model)(torch.cat([x] * 12), torch.cat([grid] * 12))),
+    ],
+)
+def test_falls_back_to_eager(why, call):
+    _, ours = siglip2_pair()
+    ours.cuda_graphs = CudaGraphRunner(max_tokens=300, capture_graphs=False)
+    hidden_states, grid_thw = random_packed([(1, 5, 5), (1, 2, 3)], 48)
+    out = call(ours, hidden_states, grid_thw)
+    assert ours.cuda_graphs.replays == 0, why
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_captures_only_on_cuda_with_the_flash_backend():
+    _, ours = siglip2_pair()
+    ours.enable_cuda_graphs()
+    hidden_states, grid_thw = random_packed([(1, 5, 5)], 48)
+    with torch.no_grad():
+        ours(hidden_states, grid_thw)  # CPU, sdpa: eager
+    assert ours.cuda_graphs.replays == 0 and not ours.cuda_graphs.graphs
+
+
+def test_enable_disable_and_copies():
+    _, ours = siglip2_pair()
+    assert ours.enable_cuda_graphs(max_tokens=4096) is ours and ours.cuda_graphs.max_tokens == 4096
+    copied = copy.deepcopy(ours)  # a fresh runner with the same settings: graphs are not copied
+    assert copied.cuda_graphs is not ours.cuda_graphs and copied.cuda_graphs.max_tokens == 4096
+    assert ours.disable_cuda_graphs() is ours and ours.cuda_graphs is None
+
+
+def test_replaced_modules_and_weights_are_seen_copied_weights_are_not():
+    _, ours = siglip2_pair()
+    slots = _module_slots(ours)
+    ours.load_state_dict(ours.state_dict())  # copies in place: a graph reads the new values itself
+    assert _slots_unchanged(slots)
+    ours.encoder.layers[0].mlp.fc1.to(torch.float64)  # .data swapped on a submodule
+    assert not _slots_unchanged(slots)
+    slots = _module_slots(ours)
+    ours.encoder.layers[1].mlp.fc2 = torch.nn.Linear(96, 64)  # a module replaced (as PEFT does)
+    assert not _slots_unchanged(slots)
+    slots = _module_slots(ours)
+    ours.head.probe = torch.nn.Parameter(ours.head.probe.detach().clone())  # a parameter replaced
+    assert not _slots_unchanged(slots)
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+def test_moving_the_model_drops_its_graphs(tower):
+    make_pair, _ = TOWERS[tower]
+    _, ours = make_pair()
+    ours.cuda_graphs = CudaGraphRunner(capture_graphs=False)
+    ours.cuda_graphs.graphs["stale"] = None  # stands in for a captured graph
+    ours.to(torch.float64)
+    assert not ours.cuda_graphs.graphs
+
+
+def test_positions_kept_for_the_same_grids_follow_in_place_weight_updates():
+    ref, ours = siglip2_pair()
+    ours.cuda_graphs = CudaGraphRunner(capture_graphs=False)
+    hidden_states, grid_thw = random_packed(BATCHES["mixed"], 48)
+    with torch.no_grad():
+        ours(hidden_states, grid_thw)  # the buffers now hold this layout's positions
+        table = next(p for name, p in ref.named_parameters() if name.endswith("embeddings.position_embedding.weight"))
+        table.mul_(2)
+        ours.load_state_dict(convert_siglip2_state_dict(ref.state_dict()))  # copies in place into ours
+        out = ours(hidden_states, grid_thw)  # the same grids: must see the new table
+        ref_last, ref_pooled = siglip2_reference(ref, hidden_states, grid_thw)
+    assert ours.cuda_graphs.replays == 2
+    assert_matches_reference(out, ref_last, ref_pooled, grid_thw, has_head=True, tol=FP32_REL_TOL)
