@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU checks recorded in benchmarks/RESULTS.md: the CUDA tests and the multi-GPU equivalence checks.
-# Usage (repo root, packed_vit importable): bash benchmarks/gpu_checks.sh [LOG_DIR]
+# Usage (repo root): bash benchmarks/gpu_checks.sh [LOG_DIR]
 #   needs 2 GPUs for the distributed part (skipped with a message on fewer).
 set -uo pipefail
 log_dir=${1:-.}
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source benchmarks/device_env.sh
 status=0
 
-(cd tests && python3 -m pytest -q -rs -s -p no:cacheprovider test_cuda.py &&
+(cd tests && python3 -m pytest -q -rs -s -p no:cacheprovider test_cuda.py test_cuda_graphs.py test_encode_gpu.py test_vlm_drop_in.py &&
     python3 -m pytest -q -rs -s -p no:cacheprovider test_training.py test_compile.py -k cuda) \
     2>&1 | tee "$log_dir/cuda_tests.log" | grep -E "passed|failed|err |FAILED|SKIPPED" || status=1
 grep -q " failed" "$log_dir/cuda_tests.log" && status=1

@@ -3,11 +3,8 @@
 #   bash benchmarks/gpu_encode_checks.sh OUT_DIR
 set -uo pipefail
 out=${1:-/tmp/gpu_encode}; mkdir -p "$out"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-# setup.py's package_dir mapping, as links (an editable install fails there without network)
-mkdir -p /tmp/pv/packed_vit && cp -r src/packed_vit/. /tmp/pv/packed_vit/
-for sub in modeling configuration processing; do ln -sfn "$PWD/$sub" /tmp/pv/packed_vit/$sub; done
-export PYTHONPATH=/tmp/pv:$PWD/tests
+source benchmarks/device_env.sh
+export PYTHONPATH=$PYTHONPATH:$PWD/tests
 python -c "import packed_vit, torchvision; print('packed_vit', packed_vit.__file__, 'torchvision', torchvision.__version__)"
 # CUDA tests of the encode job (GPU preprocessing vs transformers' torchvision backend; 2 ranks on one GPU)
 timeout 150 python -m pytest -q -p no:warnings tests/test_encode_gpu.py 2>&1 | tail -40 | tee "$out/pytest_gpu.log"
