@@ -7,7 +7,12 @@ same maps, independently of `F.interpolate`'s kernels, so a checkpoint gives the
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import FP32_REL_TOL, antialiased_bilinear_weights_by_definition, rel_err
+from reference import (
+    FP32_REL_TOL,
+    antialiased_bilinear_weights_by_definition,
+    definition_resize_positional_embeddings,
+    rel_err,
+)
 
 from packed_vit.modeling.packing import PackedGrid
 from packed_vit.modeling.position_embeddings import (
@@ -45,11 +50,9 @@ def test_map_equals_torch_interpolate_where_its_cpu_kernel_is_right(mode, height
 def test_width_one_frames_take_each_rows_own_weights(height):
     # torch's CPU antialias kernel gives every row of a width-1 output the weights of row 0; the definition does not.
     side = 16
-    table = torch.randn(side, side, 8, dtype=torch.float64)
-    rows = antialiased_bilinear_weights_by_definition(side, height)
-    cols = antialiased_bilinear_weights_by_definition(side, 1)
-    expected = torch.einsum("ia,jb,abd->ijd", rows, cols, table).reshape(height, 8)
-    got = _resize_map(side, height, 1, "bilinear", torch.device("cpu")).double() @ table.reshape(side * side, 8)
+    table = torch.randn(side, side, 8)
+    expected = definition_resize_positional_embeddings(table, torch.tensor([[height, 1]]), height)[0]
+    got = _resize_map(side, height, 1, "bilinear", torch.device("cpu")) @ table.reshape(side * side, 8)
     assert rel_err(got, expected) <= FP32_REL_TOL
     if height > 1:
         assert rel_err(got[1:], got[:1].expand(height - 1, 8)) > 1e-2  # the rows really differ
