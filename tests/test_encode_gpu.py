@@ -51,6 +51,30 @@ def test_gpu_patches_equal_transformers_torchvision_backend_on_cuda(tmp_path, ma
         assert difference <= 1e-6, f"{path.name}: max abs difference {difference}"
 
 
+def test_a_chunk_is_normalized_at_once_to_the_same_bits_as_each_image(tmp_path):
+    from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, pairs_source
+
+    processor = Siglip2PackingImageProcessor(max_num_patches=256)
+    ours = GpuPreprocessing(processor, torch.device("cuda"))
+    paths = jpegs(tmp_path, 9)
+    dataset = ChunkDataset(pairs_source([(str(p), str(p)) for p in paths]), CpuPreparation(processor), True)
+    (chunk,) = list(dataset)
+    ours.prepare_chunk(chunk)
+    decoded = ours.decode([torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in paths])
+    for entry, image in zip(chunk.entries, decoded):
+        patches, grid = ours.patches(image)
+        assert entry.grid == grid and torch.equal(entry.pixels, patches), entry.name
+
+
+def test_auto_takes_the_gpu_path_on_cuda(tmp_path):
+    folder = tmp_path / "ckpt"
+    formats.siglip2_full_model(*siglip2_pair(), folder)
+    model, processor = load_model_and_processor(str(folder), device="cuda", dtype=torch.float32)
+    images = [(str(p), p) for p in jpegs(tmp_path, 6)]
+    runs = {mode: encode_images(model, processor, images, progress=False, preprocess=mode) for mode in ("auto", "gpu")}
+    assert torch.equal(runs["auto"].tensors()["pooled"], runs["gpu"].tensors()["pooled"])
+
+
 def test_gpu_preprocessing_embeddings_match_transformers_torchvision_backend(tmp_path, capsys):
     import torchvision.io
     from transformers import Siglip2ImageProcessor

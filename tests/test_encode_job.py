@@ -6,6 +6,7 @@ Small original-format Siglip2 checkpoint (tests/reference.py), fp32 on the CPU. 
 """
 
 import io
+import itertools
 import json
 import os
 import signal
@@ -87,6 +88,15 @@ def test_every_worker_count_gives_the_in_process_processor_result_to_the_bit(che
         assert run.names == [p.name for p in paths], workers
         assert run.batch_sizes == [len(b) for b in token_budget_batches(prepared, BUDGET, lambda i: len(i["pixel_values"]))]
         assert torch.equal(run.tensors()["pooled"], torch.cat(expected)), f"workers={workers}"
+
+
+def test_auto_preprocessing_is_the_cpu_path_off_cuda_and_gpu_is_refused_there(checkpoint, photos):
+    model, processor = load_model_and_processor(str(checkpoint))
+    images = [(p.name, p) for p in sorted(photos.iterdir())[:4]]
+    auto, cpu = (encode_images(model, processor, images, BUDGET, progress=False, preprocess=mode) for mode in ("auto", "cpu"))
+    assert auto.names == cpu.names and torch.equal(auto.tensors()["pooled"], cpu.tensors()["pooled"])
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        encode_images(model, processor, images, BUDGET, progress=False, preprocess="gpu")
 
 
 def test_workers_report_unreadable_files_in_order_and_go_on(checkpoint, photos, tmp_path, capsys):
@@ -222,3 +232,37 @@ def test_torchrun_two_gloo_ranks_equal_one_process(checkpoint, photos, tmp_path)
     assert manifest["world_size"] == 2 and manifest["complete"]
     assert "Encoded 22 images" in two.stdout and "2 ranks" in two.stdout  # rank 0 sums every rank
     assert two.stdout.count("Encoded") == 1
+
+
+# ---- the preprocessing thread ------------------------------------------------------------------------------------
+
+
+def test_in_background_keeps_order_raises_the_producers_error_and_stops_when_closed():
+    import threading
+
+    from packed_vit.encode.pipeline import in_background
+
+    assert list(in_background(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bad chunk")
+
+    consumed = []
+    with pytest.raises(ValueError, match="bad chunk"):
+        for item in in_background(failing(), depth=2):
+            consumed.append(item)
+    assert consumed == [1]
+
+    produced = []
+
+    def endless():
+        for i in itertools.count():
+            produced.append(i)
+            yield i
+
+    stream = in_background(endless(), depth=2)
+    assert [next(stream) for _ in range(5)] == list(range(5))
+    stream.close()  # the thread stops: no thread left behind, and it made at most `depth` + 2 items more
+    assert not any(t.name == "packed-vit preprocessing" for t in threading.enumerate())
+    assert len(produced) <= 5 + 2 + 2

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     encode.add_argument("--preprocess", choices=("auto", "cpu", "gpu"), default="auto",
                         help="where images are decoded and resized: cpu (PIL in the workers, exactly transformers' "
                              "PIL backend), gpu (nvJPEG and torchvision on CUDA, as transformers' torchvision "
-                             "backend; Siglip2 only); auto: cpu (default)")  # fmt: skip
+                             "backend; Siglip2 only); auto (default): gpu where it applies, else cpu")  # fmt: skip
     encode.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     encode.add_argument("--dtype", choices=DTYPES, help="model dtype (default: bfloat16 on CUDA, float32 otherwise)")
     encode.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,

@@ -44,8 +44,18 @@ def read_for_gpu(source) -> tuple[str, tuple[int, int], np.ndarray]:
     return "decoded", rgb.shape[:2], np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
+def tiny_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (8, 8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
 class GpuPreprocessing:
-    """Siglip2 preprocessing on a CUDA device, as transformers' torchvision backend does it."""
+    """Siglip2 preprocessing on a CUDA device, as transformers' torchvision backend does it.
+
+    Per image only the resize runs (its sizes are the image's own); the patches of a whole chunk are then normalized
+    in one pass. Normalizing is elementwise per channel, so normalizing the patches equals normalizing the image
+    and then cutting it, to the bit."""
 
     def __init__(self, processor, device: torch.device):
         if device.type != "cuda":
@@ -60,20 +70,29 @@ class GpuPreprocessing:
             raise ValueError(f"GPU preprocessing needs torchvision ({error}): use --preprocess cpu") from None
         self.io, self.tvF = torchvision.io, tvF
         self.device = device
-        self.options = processor.options({"do_convert_rgb": True})
+        try:  # a torchvision built without nvJPEG fails here, not on every image
+            self.io.decode_jpeg(torch.frombuffer(bytearray(tiny_jpeg()), dtype=torch.uint8), device=device)
+        except RuntimeError as error:
+            raise ValueError(f"GPU preprocessing needs torchvision's nvJPEG decoder ({error}): use --preprocess cpu") \
+                from None  # fmt: skip
+        self.options = options = processor.options({"do_convert_rgb": True})
         # transformers' pil_torch_interpolation_mapping, for the PIL filters Siglip2 checkpoints use
         self.interpolation = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC,
-                              1: InterpolationMode.LANCZOS}[self.options["resample"]]  # fmt: skip
-        options = self.options
+                              1: InterpolationMode.LANCZOS}[options["resample"]]  # fmt: skip
+        self.mode = {InterpolationMode.NEAREST: "nearest", InterpolationMode.BILINEAR: "bilinear",
+                     InterpolationMode.BICUBIC: "bicubic"}.get(self.interpolation)  # fmt: skip
         # transformers fuses rescale into normalize: mean / factor and std / factor, in float32 on the device
+        self.mean = self.std = None
         if options["do_rescale"] and options["do_normalize"]:
             self.mean = torch.tensor(options["image_mean"], device=device) * (1.0 / options["rescale_factor"])
             self.std = torch.tensor(options["image_std"], device=device) * (1.0 / options["rescale_factor"])
         elif options["do_normalize"]:
-            self.mean, self.std = options["image_mean"], options["image_std"]
+            self.mean = torch.as_tensor(options["image_mean"], dtype=torch.float32, device=device)
+            self.std = torch.as_tensor(options["image_std"], dtype=torch.float32, device=device)
 
     def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
-        """JPEG bytes -> [3, H, W] uint8 on the GPU, a batch at a time; a file nvJPEG refuses gets the error."""
+        """JPEG bytes -> [3, H, W] uint8 on the GPU, a batch at a time; a file nvJPEG refuses gets the error.
+        The call returns once the batch is decoded (torchvision waits for its decoder's stream)."""
         if not encoded:
             return []
         read_rgb = self.io.ImageReadMode.RGB
@@ -88,29 +107,60 @@ class GpuPreprocessing:
                     decoded.append(error)
             return decoded
 
-    def patches(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """[3, H, W] uint8 on the GPU -> (float32 patches [h*w, p*p*3], (1, h, w)), as the torchvision backend."""
+    def resize(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """`tvF.resize(image, [height, width], antialias=True)` of a [3, H, W] uint8 CUDA image, to the bit.
+
+        Written out because the torchvision call spends about 0.6 ms of host time per image in its dispatch and
+        checks (measured on the H200 machine: RESULTS.md), more than the GPU needs for the image. These are the
+        torch calls it makes on CUDA (torchvision 0.2x, `resize_image`): no-op at the same size; nearest on uint8;
+        otherwise float32, `interpolate(align_corners=False, antialias=True)`, clamp (bicubic), round, uint8."""
+        if (height, width) == tuple(image.shape[-2:]):
+            return image
+        if self.mode is None:  # lanczos: torchvision's own path
+            return self.tvF.resize(image, [height, width], interpolation=self.interpolation, antialias=True)
+        if self.mode == "nearest":
+            return torch.nn.functional.interpolate(image[None], size=[height, width], mode="nearest")[0]
+        resized = torch.nn.functional.interpolate(image[None].float(), size=[height, width], mode=self.mode,
+                                                  align_corners=False, antialias=True)[0]  # fmt: skip
+        if self.mode == "bicubic":
+            resized = resized.clamp_(min=0, max=255)
+        return resized.round_().to(torch.uint8)
+
+    def resized_patches(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[3, H, W] uint8 on the GPU -> (its resized image's patches [h*w, p*p*3] uint8, channel last, (1, h, w))."""
         from ..processing.image_processing_siglip2_packing import naflex_grid
 
         options, patch_size = self.options, self.options["patch_size"]
         if options["do_resize"]:
             rows, cols = naflex_grid(image.shape[1], image.shape[2], patch_size, options["max_num_patches"])
-            image = self.tvF.resize(image, [rows * patch_size, cols * patch_size], interpolation=self.interpolation,
-                                    antialias=True)  # fmt: skip
-        if options["do_normalize"]:
-            image = self.tvF.normalize(image.to(torch.float32), self.mean, self.std)
-        elif options["do_rescale"]:
-            image = image * options["rescale_factor"]
+            image = self.resize(image, rows * patch_size, cols * patch_size)
         channels, height, width = image.shape
         rows, cols = height // patch_size, width // patch_size
         patches = image.reshape(channels, rows, patch_size, cols, patch_size).permute(1, 3, 2, 4, 0)
-        return patches.reshape(rows * cols, -1).float(), (1, rows, cols)
+        return patches.reshape(rows * cols, -1), (1, rows, cols)
+
+    def normalized(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 patches [n, p*p*3] -> float32, as the backend's fused rescale and normalize (`tvF.normalize`:
+        subtract, then divide, in float32)."""
+        options = self.options
+        if self.mean is not None:
+            pixels = patches.float().view(len(patches), -1, 3)
+            return pixels.sub_(self.mean).div_(self.std).view(len(patches), -1)
+        if options["do_rescale"]:
+            return patches * options["rescale_factor"]
+        return patches.float()
+
+    def patches(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[3, H, W] uint8 on the GPU -> (float32 patches [h*w, p*p*3], (1, h, w)), as the torchvision backend."""
+        patches, grid = self.resized_patches(image)
+        return self.normalized(patches), grid
 
     def prepare_chunk(self, chunk) -> None:
         """Sets `pixels` and `grid` of the chunk's GPU-path entries; a JPEG nvJPEG cannot decode becomes a skip."""
         jpegs = [entry for entry in chunk.entries if entry.kind == "jpeg"]
         decoded = self.decode([chunk.encoded[entry.rows] for entry in jpegs])
         images = dict(zip(map(id, jpegs), decoded))
+        mine, pieces = [], []
         for entry in chunk.entries:
             if entry.kind == "jpeg":
                 image = images[id(entry)]
@@ -121,4 +171,13 @@ class GpuPreprocessing:
                 image = chunk.decoded[entry.rows.start].to(self.device, non_blocking=True)
             else:
                 continue
-            entry.pixels, entry.grid = self.patches(image)
+            patches, entry.grid = self.resized_patches(image)
+            mine.append(entry)
+            pieces.append(patches)
+        if not mine:
+            return
+        pixels = self.normalized(torch.cat(pieces))
+        start = 0
+        for entry, patches in zip(mine, pieces):
+            entry.pixels = pixels[start : start + len(patches)]
+            start += len(patches)

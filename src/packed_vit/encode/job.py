@@ -241,9 +241,7 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
     except (OSError, ValueError, TypeError) as error:  # not a checkpoint, unknown format, unreachable, bad option
         return fail(f"cannot load --model {options.model}: {error}")
     loaded = time.time()
-    preprocess = options.preprocess
-    if preprocess == "auto":
-        preprocess = "cpu"  # measured: benchmarks/RESULTS.md, "encode job"
+    preprocess = options.preprocess  # "auto": the GPU path where it applies (pipeline.encoded_results)
     workers = default_workers() if options.workers is None else options.workers
 
     known = [part.known_length for part, _ in todo]

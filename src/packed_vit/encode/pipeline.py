@@ -1,9 +1,10 @@
 """Stage 2 of the encode job: samples -> packed forwards -> per-image embeddings, keeping the device busy.
 
 - Decoding and preprocessing run in `workers` DataLoader processes (0: in this process). The samples are dealt to
-  the workers in chunks of `CHUNK` consecutive samples, round robin; the DataLoader hands their chunks back in the
-  same round robin, so the main process sees every sample in input order whatever the number of workers. Every
-  sample yields an entry, an unreadable one a `skip` entry, which is what keeps that round robin aligned.
+  the workers in chunks of consecutive samples (`CHUNK`, `GPU_CHUNK` for the GPU path), round robin; the DataLoader
+  hands their chunks back in the same round robin, so the main process sees every sample in input order whatever
+  the number of workers. Every sample yields an entry, an unreadable one a `skip` entry, which is what keeps that
+  round robin aligned.
 - A worker ships a chunk's pixels as one tensor (a few IPC messages per chunk rather than per image), pinned by the
   DataLoader, and copied to the device with `non_blocking`. With our packed processors the worker stops before the
   rescale / normalize step and ships the resized image's uint8 patches (a quarter of the float32 bytes); the device
@@ -12,20 +13,26 @@
 - Forwards are packed greedily in order by a token budget (`token_budget_batches`), never across a `group` (an
   output shard), so that a shard's forwards depend on its own images only: a resumed or distributed run computes the
   very same forwards. Forwards are queued back to back: the results of forward i are read (one event wait) only once
-  forward i + 1 is queued.
+  forward i + 1 is queued. On CUDA a thread takes the chunks to the device and finishes their preprocessing
+  (`in_background`) while this one queues the forwards, each thread on its own stream (`Streams`).
 - `preprocess="gpu"` (Siglip2 only): workers only read the files; JPEGs are decoded on the GPU (nvJPEG), resized,
   rescaled and normalized there as transformers' torchvision backend of Siglip2ImageProcessor does (`gpu_preprocessing`).
+  `"auto"` takes it wherever it applies (a Siglip2 checkpoint on CUDA, torchvision with nvJPEG), else the CPU path:
+  measured faster (RESULTS.md, encode job).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Full, Queue
 from typing import Any
 
 import numpy as np
@@ -34,6 +41,11 @@ import torch
 from .inputs import UNREADABLE, Sample, read_image
 
 CHUNK = 16  # samples per worker task: large enough to amortise IPC, small enough to start the GPU quickly
+# The GPU path's workers only read files; a chunk is one nvJPEG batch, and each batch waits for all the work queued on
+# the device: few large batches. Measured on the H200 machine, batches of 16 / 64 / 256 decode 5500 / 8300 / 8900
+# images/s on an idle GPU (RESULTS.md, encode job).
+GPU_CHUNK = 256
+PREFETCH_CHUNKS = 2  # chunks preprocessed ahead of the forwards, on CUDA (`in_background`)
 PIPELINE_DEPTH = 2  # forwards queued on the device before the host waits for the oldest one's results
 
 
@@ -67,7 +79,7 @@ class Entry:
 
 @dataclass
 class Chunk:
-    """A worker's reply for CHUNK consecutive samples. Tensors in one piece per kind, for the IPC and the pinning."""
+    """A worker's reply for a chunk of consecutive samples. Tensors in one piece per kind, for the IPC and the pinning."""
 
     entries: list[Entry]
     uint8_pixels: torch.Tensor  # [rows, p*p*3] uint8: resized patches, not yet rescaled / normalized
@@ -154,20 +166,22 @@ def pairs_source(pairs: list[tuple[str, Any]]) -> SampleSource:
 class ChunkDataset(torch.utils.data.IterableDataset):
     def __init__(self, samples: SampleSource, prepare: Callable[[Entry, Any], Any], gpu_decode: bool):
         self.samples, self.prepare, self.gpu_decode = samples, prepare, gpu_decode
+        self.chunk_size = GPU_CHUNK if gpu_decode else CHUNK
 
     def __iter__(self) -> Iterator[Chunk]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
 
         def mine(index: int) -> bool:
-            return (index // CHUNK) % workers == worker
+            return (index // size) % workers == worker
 
+        size = self.chunk_size
         pending: list[tuple[Entry, Any]] = []
         for index, (tag, item) in enumerate(self.samples(mine)):
             if item is None:
                 continue
             pending.append((tag, item))
-            if len(pending) == CHUNK or (index + 1) % CHUNK == 0:  # the chunk ends at a multiple of CHUNK
+            if len(pending) == size or (index + 1) % size == 0:  # a chunk ends at a multiple of its size
                 yield self.chunk(pending)
                 pending = []
         if pending:
@@ -260,10 +274,20 @@ class ForwardResult:
         return [entry for entry in self.entries if entry.kind == "skip"]
 
 
+@dataclass
+class Streams:
+    """On CUDA the pipeline's two threads each queue on their own stream: preprocessing (copies, nvJPEG, resizes)
+    and forwards. Off the default stream: with the forwards on it, their launches waited on the preprocessing
+    (measured: RESULTS.md, encode job)."""
+
+    preprocessing: torch.cuda.Stream
+    forwards: torch.cuda.Stream
+
+
 class InFlight:
     """A queued forward: its outputs are being copied to the host; `result()` waits for them."""
 
-    def __init__(self, model, group, entries: list[Entry], patch_features: bool):
+    def __init__(self, model, group, entries: list[Entry], patch_features: bool, streams: Streams | None = None):
         self.group, self.entries = group, entries
         images = [entry for entry in entries if entry.kind != "skip"]
         self.pooled = self.features = self.by_head = None
@@ -273,11 +297,15 @@ class InFlight:
             return
         weight = next(model.parameters())
         cuda = weight.device.type == "cuda"
-        if cuda:
-            self.start_event = torch.cuda.Event(enable_timing=True)
-            self.done_event = torch.cuda.Event(enable_timing=True)
-            self.start_event.record()
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.stream(streams.forwards) if streams else contextlib.nullcontext():
+            if streams:  # the pixels are written on the preprocessing stream, and read here
+                streams.forwards.wait_stream(streams.preprocessing)
+                for entry in images:
+                    entry.pixels.record_stream(streams.forwards)
+            if cuda:
+                self.start_event = torch.cuda.Event(enable_timing=True)
+                self.done_event = torch.cuda.Event(enable_timing=True)
+                self.start_event.record()
             pixel_values = torch.cat([entry.pixels for entry in images]).to(weight.dtype)
             grid_thw = torch.tensor([entry.grid for entry in images], dtype=torch.int64)
             out = model(pixel_values, grid_thw)
@@ -287,10 +315,10 @@ class InFlight:
             self.pooled = pooled.to("cpu", non_blocking=cuda)
             if patch_features:
                 self.features = out.last_hidden_state.float().to("cpu", non_blocking=cuda)
+            if cuda:
+                self.done_event.record()
         for entry in images:
             entry.pixels = None  # the device copy is no longer needed
-        if cuda:
-            self.done_event.record()
 
     def result(self) -> ForwardResult:
         if self.done_event is not None:
@@ -302,7 +330,7 @@ class InFlight:
         return ForwardResult(self.group, self.entries, pooled, self.features, self.by_head, seconds, self.launched_at)
 
 
-def entries_on_device(chunks: Iterable[Chunk], device: torch.device, options: dict | None, gpu) -> Iterator[Entry]:
+def chunks_on_device(chunks: Iterable[Chunk], device: torch.device, options: dict | None, gpu) -> Iterator[list[Entry]]:
     """Each chunk's entries, in order, their pixels on `device` and ready for the tower."""
     for chunk in chunks:
         uint8_pixels = chunk.uint8_pixels.to(device, non_blocking=True)
@@ -315,11 +343,53 @@ def entries_on_device(chunks: Iterable[Chunk], device: torch.device, options: di
                 entry.pixels = normalized[entry.rows]
             elif entry.kind == "float":
                 entry.pixels = float_pixels[entry.rows]
-            yield entry
+        yield chunk.entries
+
+
+def in_background(items: Iterator, depth: int, stream: torch.cuda.Stream | None = None) -> Iterator:
+    """`items`, produced by a thread up to `depth` ahead (its CUDA work on `stream`); its exception is raised here.
+
+    Why a thread: nvJPEG's batch decode waits for all the work queued on the device (measured: RESULTS.md, encode
+    job), so in the thread that queues the forwards it would let the queue run dry at every batch. Stopping early
+    (closing this generator) stops the thread."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    finished = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for item in items:
+                    if not put(item):
+                        return
+            put(finished)
+        except BaseException as error:  # handed to the consumer, which raises it
+            put(error)
+
+    thread = threading.Thread(target=produce, name="packed-vit preprocessing", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not finished:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_forwards(
-    model, entries: Iterable[Entry], max_tokens: int, patch_features: bool, group_of: Callable[[Any], Any]
+    model, entries: Iterable[Entry], max_tokens: int, patch_features: bool, group_of: Callable[[Any], Any],
+    streams: Streams | None = None,
 ) -> Iterator[ForwardResult]:
     """Entries in order -> results in order, forwards packed by the token budget within each group and queued
     PIPELINE_DEPTH deep."""
@@ -327,7 +397,7 @@ def run_forwards(
     for group, members in itertools.groupby(entries, key=lambda entry: group_of(entry.tag)):
         tokens = lambda entry: 0 if entry.kind == "skip" else int(np.prod(entry.grid))  # noqa: E731
         for batch in token_budget_batches(members, max_tokens, tokens):
-            in_flight.append(InFlight(model, group, batch, patch_features))
+            in_flight.append(InFlight(model, group, batch, patch_features, streams))
             while len(in_flight) > PIPELINE_DEPTH:
                 yield in_flight.popleft().result()
     while in_flight:
@@ -349,12 +419,16 @@ def encoded_results(
         raise ValueError(f"max_tokens must be a positive number of patches, got {max_tokens}")
     device = next(model.parameters()).device
     gpu = None
-    if preprocess == "gpu":
+    if preprocess not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"preprocess must be 'auto', 'cpu' or 'gpu', got {preprocess!r}")
+    if preprocess != "cpu":
         from .gpu_preprocessing import GpuPreprocessing
 
-        gpu = GpuPreprocessing(processor, device)
-    elif preprocess != "cpu":
-        raise ValueError(f"preprocess must be 'cpu' or 'gpu', got {preprocess!r}")
+        try:
+            gpu = GpuPreprocessing(processor, device)
+        except ValueError:  # not CUDA, not Siglip2, no torchvision or no nvJPEG in it
+            if preprocess == "gpu":
+                raise
     prepare = CpuPreparation(processor)
     dataset = ChunkDataset(samples, prepare, gpu_decode=gpu is not None)
     loader = torch.utils.data.DataLoader(
@@ -365,5 +439,10 @@ def encoded_results(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    entries = entries_on_device(loader, device, prepare.options, gpu)
-    yield from run_forwards(model, entries, max_tokens, patch_features, group_of)
+    chunks = chunks_on_device(loader, device, prepare.options, gpu)
+    streams = None
+    if device.type == "cuda":
+        streams = Streams(torch.cuda.Stream(device), torch.cuda.Stream(device))
+        chunks = in_background(chunks, PREFETCH_CHUNKS, streams.preprocessing)
+    entries = itertools.chain.from_iterable(chunks)
+    yield from run_forwards(model, entries, max_tokens, patch_features, group_of, streams)
