@@ -14,6 +14,11 @@ from .cuda_graphs import CudaGraphRunner
 from .packing import PackedGrid, pack_inputs
 from .reference_calls import PaddedBatch
 
+# CPU inference of many frames runs in passes of at most this many tokens: one pass over thousands of tokens
+# streams every activation through memory between ops, and measured 5-15% slower than the reference's per-image loop
+# (benchmarks/RESULTS.md, small batches); passes of about one large image's tokens keep them in cache.
+CPU_TOKENS_PER_PASS = 512
+
 
 class PackedEncoder(nn.Module):
     """The stack of encoder layers, all run on the same per-forward `packed` metadata (key prefix `layers.N`)."""
@@ -92,6 +97,10 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
         if bucket is not None:  # a captured CUDA graph replays the whole forward after the embeddings' positions
             last_hidden_state, pooler_output = graphs.run(self, patches, packed, backend, bucket)
             all_hidden_states = None
+        elif self.runs_in_passes(patches, packed):
+            last_hidden_state, pooler_output, all_hidden_states = self.forward_in_passes(
+                patches, packed.grid_thw, backend, output_hidden_states
+            )
         else:
             embeddings = self.embeddings(patches, packed)  # [N, D]
             last_hidden_state, pooler_output, all_hidden_states = self.encode(
@@ -104,6 +113,37 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
         if reference_call is not None:  # ---- back into the reference's shapes ----
             output = reference_call.unpack_output(output)
         return output if return_dict is not False else output.to_tuple()
+
+    @staticmethod
+    def runs_in_passes(patches: torch.Tensor, packed: PackedGrid) -> bool:
+        """CPU inference of more than CPU_TOKENS_PER_PASS tokens, several frames, one process. Never with autograd
+        or in a process group: ranks would make different numbers of passes, and FSDP gathers each layer's weights
+        on every pass, so their collectives would stop matching."""
+        return (
+            patches.device.type == "cpu" and not torch.is_grad_enabled() and len(packed.grid_thw) > 1
+            and packed.num_tokens > CPU_TOKENS_PER_PASS
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        )  # fmt: skip
+
+    def forward_in_passes(self, patches, grid_thw, backend: str, output_hidden_states: bool):
+        """The CPU forward of many frames: consecutive frames, whole, in passes of at most CPU_TOKENS_PER_PASS tokens
+        (a larger frame alone); frames never see each other, so this is the one-pass forward in pieces."""
+        patch_dim = self.config.num_channels * self.config.patch_size**2
+        passes, start, row = [], 0, 0
+        lengths = grid_thw.prod(-1).tolist()
+        while row < len(lengths):
+            end, tokens = row + 1, lengths[row]
+            while end < len(lengths) and tokens + lengths[end] <= CPU_TOKENS_PER_PASS:
+                tokens += lengths[end]
+                end += 1
+            piece = pack_inputs(patches[start : start + tokens], grid_thw[row:end], patch_dim)
+            passes.append(self.encode(self.embeddings(patches[start : start + tokens], piece), piece, backend,
+                                      output_hidden_states))  # fmt: skip
+            start, row = start + tokens, end
+        last_hidden_state = torch.cat([p[0] for p in passes])
+        pooler_output = torch.cat([p[1] for p in passes]) if passes[0][1] is not None else None
+        hidden_states = tuple(map(torch.cat, zip(*(p[2] for p in passes)))) if output_hidden_states else None
+        return last_hidden_state, pooler_output, hidden_states
 
     def encode(self, embeddings: torch.Tensor, packed: PackedGrid, backend: str, output_hidden_states: bool = False):
         """Everything after the embeddings: embeddings [N, D] -> (last_hidden_state [N, D], pooler_output [F, D] or
