@@ -12,8 +12,8 @@ from packed_vit.modeling import packed_model
 GRIDS = [(1, 24, 20), (1, 3, 4), (2, 4, 6), (1, 30, 1), (1, 5, 5), (1, 20, 30)]
 
 
-@pytest.mark.parametrize("pair", [siglip2_pair, aimv2_pair], ids=["siglip2", "aimv2"])
-def test_passes_equal_one_pass(pair, monkeypatch):
+def model_counting_passes(pair, monkeypatch):
+    """(model, its packed inputs for GRIDS, the token count of each pass it makes), passes of at most 512 tokens."""
     _, ours = pair()
     config = ours.config
     hidden_states, grid_thw = random_packed(GRIDS, config.num_channels * config.patch_size**2)
@@ -21,6 +21,13 @@ def test_passes_equal_one_pass(pair, monkeypatch):
     encode = ours.encode
     monkeypatch.setattr(ours, "encode", lambda embeddings, *args: passes.append(len(embeddings)) or encode(embeddings, *args))
     monkeypatch.setattr(packed_model, "CPU_TOKENS_PER_PASS", 512)
+    return ours, hidden_states, grid_thw, passes
+
+
+@pytest.mark.parametrize("pair", [siglip2_pair, aimv2_pair], ids=["siglip2", "aimv2"])
+def test_passes_equal_one_pass(pair, monkeypatch):
+    ours, hidden_states, grid_thw, passes = model_counting_passes(pair, monkeypatch)
+    config = ours.config
     with torch.no_grad():
         split = ours(hidden_states, grid_thw, output_hidden_states=True)
         assert passes == [492, 103, 600]
@@ -39,13 +46,7 @@ def test_passes_equal_one_pass(pair, monkeypatch):
 def test_one_pass_with_autograd_or_in_a_process_group(tmp_path, monkeypatch):
     """Training keeps one pass, and so does any process group: under FSDP every pass gathers each layer's weights,
     and ranks with different batches would make different numbers of passes (their collectives would hang)."""
-    _, ours = siglip2_pair()
-    config = ours.config
-    hidden_states, grid_thw = random_packed(GRIDS, config.num_channels * config.patch_size**2)
-    passes = []
-    encode = ours.encode
-    monkeypatch.setattr(ours, "encode", lambda embeddings, *args: passes.append(len(embeddings)) or encode(embeddings, *args))
-    monkeypatch.setattr(packed_model, "CPU_TOKENS_PER_PASS", 512)
+    ours, hidden_states, grid_thw, passes = model_counting_passes(siglip2_pair, monkeypatch)
     ours(hidden_states, grid_thw).pooler_output.sum().backward()
     assert passes == [len(hidden_states)]
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
