@@ -48,7 +48,9 @@ cuda_thread.start()"""
 def startup(checkpoint: Path, overlapped: bool = False) -> dict:
     """`overlapped`: CUDA initialised in a thread while the main thread imports transformers (does it overlap?)."""
     start = time.time()
-    script = STARTUP.replace('torch.empty(0, device="cuda"); stamp("cuda initialised")', OVERLAP) if overlapped else STARTUP
+    script = STARTUP
+    if overlapped:
+        script = STARTUP.replace('torch.empty(0, device="cuda"); stamp("cuda initialised")', OVERLAP)
     code = f"START = {start!r}\nCKPT = {str(checkpoint)!r}\n" + script
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if run.returncode:
@@ -166,8 +168,8 @@ def pipeline(model, processor, paths, preprocess: str, workers: int) -> dict:
 
         setattr(owner, name, wrapper)
 
-    for owner, name in ((gpu_preprocessing.GpuPreprocessing, "decode"), (gpu_preprocessing.GpuPreprocessing, "prepare_chunk"),
-                        (stages.InFlight, "__init__"), (stages.InFlight, "result")):  # fmt: skip
+    gpu = gpu_preprocessing.GpuPreprocessing
+    for owner, name in ((gpu, "decode"), (gpu, "prepare_chunk"), (stages.InFlight, "__init__"), (stages.InFlight, "result")):
         timed(owner, name)
     try:
         start, first, images = time.perf_counter(), None, 0

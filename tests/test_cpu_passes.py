@@ -19,7 +19,11 @@ def model_counting_passes(pair, monkeypatch):
     hidden_states, grid_thw = random_packed(GRIDS, config.num_channels * config.patch_size**2)
     passes = []
     encode = ours.encode
-    monkeypatch.setattr(ours, "encode", lambda embeddings, *args: passes.append(len(embeddings)) or encode(embeddings, *args))
+    def counted_encode(embeddings, *args):
+        passes.append(len(embeddings))
+        return encode(embeddings, *args)
+
+    monkeypatch.setattr(ours, "encode", counted_encode)
     monkeypatch.setattr(packed_model, "CPU_TOKENS_PER_PASS", 512)
     return ours, hidden_states, grid_thw, passes
 

@@ -93,7 +93,8 @@ def test_every_worker_count_gives_the_in_process_processor_result_to_the_bit(che
 def test_auto_preprocessing_is_the_cpu_path_off_cuda_and_gpu_is_refused_there(checkpoint, photos):
     model, processor = load_model_and_processor(str(checkpoint))
     images = [(p.name, p) for p in sorted(photos.iterdir())[:4]]
-    auto, cpu = (encode_images(model, processor, images, BUDGET, progress=False, preprocess=mode) for mode in ("auto", "cpu"))
+    auto, cpu = (encode_images(model, processor, images, BUDGET, progress=False, preprocess=mode)
+                 for mode in ("auto", "cpu"))  # fmt: skip
     assert auto.names == cpu.names and torch.equal(auto.tensors()["pooled"], cpu.tensors()["pooled"])
     with pytest.raises(ValueError, match="needs a CUDA device"):
         encode_images(model, processor, images, BUDGET, progress=False, preprocess="gpu")

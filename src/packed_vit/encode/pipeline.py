@@ -79,7 +79,7 @@ class Entry:
 
 @dataclass
 class Chunk:
-    """A worker's reply for a chunk of consecutive samples. Tensors in one piece per kind, for the IPC and the pinning."""
+    """A worker's reply for a chunk of consecutive samples. Tensors in one piece per kind, for the IPC and pinning."""
 
     entries: list[Entry]
     uint8_pixels: torch.Tensor  # [rows, p*p*3] uint8: resized patches, not yet rescaled / normalized
