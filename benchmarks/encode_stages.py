@@ -74,9 +74,9 @@ def import_times(out: Path | None) -> list:
 
 
 def loader_alone(paths, processor, gpu_decode: bool, workers: int) -> dict:
-    from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, pairs_source
+    from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource
 
-    dataset = ChunkDataset(pairs_source([(str(p), str(p)) for p in paths]), CpuPreparation(processor), gpu_decode)
+    dataset = ChunkDataset(PairsSource([(str(p), str(p)) for p in paths]), CpuPreparation(processor), gpu_decode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=True,
                                          prefetch_factor=4)  # fmt: skip
     start, first, chunks = time.perf_counter(), None, []
@@ -173,7 +173,7 @@ def pipeline(model, processor, paths, preprocess: str, workers: int) -> dict:
         timed(owner, name)
     try:
         start, first, images = time.perf_counter(), None, 0
-        for result in stages.encoded_results(model, processor, stages.pairs_source([(str(p), str(p)) for p in paths]),
+        for result in stages.encoded_results(model, processor, stages.PairsSource([(str(p), str(p)) for p in paths]),
                                              16384, workers=workers, preprocess=preprocess):  # fmt: skip
             first = first or time.perf_counter()
             images += len(result.images)

@@ -22,3 +22,22 @@ for images in (1, 4):
     new_grids = statistics.median(bench.time_ms(alternating, 30, 4, torch.device("cuda")))
     same = statistics.median(bench.time_ms(torch.no_grad()(lambda: model(x, grids[0])), 30, 3, torch.device("cuda")))
     print(f"{images} x 256 with graphs: same grids each call {same:.3f} ms, new grids each call {new_grids:.3f} ms")
+
+if "--profile" in sys.argv:  # where the host time of a new-grids call goes (cProfile, 200 calls, 1 x 256)
+    import cProfile
+    import pstats
+
+    grids = [torch.tensor([[1, 16, 16]]), torch.tensor([[1, 8, 32]])]
+    x = torch.randn(256, 768, device="cuda").bfloat16()
+    with torch.no_grad():
+        for i in range(10):
+            model(x, grids[i % 2])
+        torch.cuda.synchronize()
+        profile = cProfile.Profile()
+        profile.enable()
+        for i in range(200):
+            model(x, grids[i % 2])
+        profile.disable()
+        torch.cuda.synchronize()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(40)

@@ -109,6 +109,30 @@ def test_workers_report_unreadable_files_in_order_and_go_on(checkpoint, photos, 
     assert f"skipped {photos / '05b_broken.jpg'}: OSError" in capsys.readouterr().err
 
 
+def test_spawned_workers_get_the_dataset_pickled_and_give_the_same_chunks(checkpoint, photos, tmp_path):
+    """The GPU path's workers are spawned (CUDA needs a fresh process), so the dataset and its sample source travel
+    pickled: files and tar shards, resumed parts, in order, unreadable files kept as skips."""
+    from packed_vit.encode.inputs import find_parts
+    from packed_vit.encode.job import PartsSource
+    from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation
+
+    write_tar(tmp_path / "s.tar", {"a": {"jpg": image_bytes(100)}, "b": {"png": image_bytes(101, "PNG")}})
+    parts = find_parts([photos, tmp_path / "s.tar"], part_size=5)
+    todo = [(part, 1 if part.index == 1 else 0) for part in parts]  # the second part resumed at its second image
+    _, processor = load_model_and_processor(str(checkpoint))
+
+    def chunks(num_workers: int, context: str | None) -> list:
+        dataset = ChunkDataset(PartsSource(todo), CpuPreparation(processor), gpu_decode=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                             multiprocessing_context=context)  # fmt: skip
+        return [(entry.tag, entry.name, entry.kind, entry.grid, chunk.uint8_pixels[entry.rows].sum().item())
+                for chunk in loader for entry in chunk.entries]  # fmt: skip
+
+    in_process = chunks(0, None)
+    assert len(in_process) == 14 - 1 + 2 and [kind for *_, kind, _, _ in in_process].count("skip") == 1
+    assert chunks(2, "spawn") == in_process
+
+
 # ---- inputs ------------------------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from . import ranks
 from .inputs import Part, find_parts
 from .output import Embeddings, JobMismatch, ShardWriter, prepare_folder, read_embeddings_file, read_manifest, \
     resume_position, save_embeddings, shard_file, shard_metadata, write_manifest  # fmt: skip
-from .pipeline import encoded_results, pairs_source
+from .pipeline import PairsSource, encoded_results
 
 DEFAULT_MAX_TOKENS = 16384
 DEFAULT_SHARD_SIZE = 10000
@@ -103,7 +103,7 @@ def encode_images(
     skipped = 0
     start = time.perf_counter()
     try:
-        for forward in encoded_results(model, processor, pairs_source(pairs), max_tokens, patch_features, workers,
+        for forward in encoded_results(model, processor, PairsSource(pairs), max_tokens, patch_features, workers,
                                        preprocess):  # fmt: skip
             result.add(forward)
             skipped = report(forward, bar, skipped)
@@ -164,12 +164,16 @@ def fail(message: str, status: int = 2) -> int:
     return status
 
 
-def parts_source(todo: list[tuple[Part, int]]):
-    """The samples of parts, each from its resume position on, tagged (part index, position in the part)."""
+@dataclass
+class PartsSource:
+    """The samples of parts, each from its resume position on, tagged (part index, position in the part). A class,
+    not a closure: spawned workers (the GPU path) receive it pickled."""
 
-    def iterate(mine):
+    todo: list[tuple[Part, int]]
+
+    def __call__(self, mine):
         index = 0  # the running index over the samples to encode, which the workers are dealt by
-        for part, start in todo:
+        for part, start in self.todo:
             def wanted(position, base=index - start, start=start):
                 return position >= start and mine(base + position)
 
@@ -178,8 +182,6 @@ def parts_source(todo: list[tuple[Part, int]]):
                     continue
                 yield (part.index, position), sample
                 index += 1
-
-    return iterate
 
 
 def run_job(options: JobOptions, started: float | None = None) -> int:
@@ -254,7 +256,7 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
     first_forward = None
     group_of = (lambda tag: (tag[0], tag[1] // shard_size)) if options.to_folder else (lambda tag: None)
     try:
-        results = encoded_results(model, processor, parts_source(todo), options.max_tokens, options.patch_features,
+        results = encoded_results(model, processor, PartsSource(todo), options.max_tokens, options.patch_features,
                                   workers, preprocess, group_of)  # fmt: skip
         for result in results:
             first_forward = first_forward or result.launched_at
