@@ -2,7 +2,8 @@
 
 For each `max_num_patches` budget (256, 1024), with Siglip2 so400m/16 random weights in transformers' saved format:
 - corpus: `--images` JPEGs of mixed sizes (sides 200..1600 px) cut and resized from scikit-image's photos;
-- `cli`: `python -m packed_vit encode CORPUS --model CKPT` run as a user runs it, once per `--preprocess` mode:
+- `cli`: `python -m packed_vit encode CORPUS --model CKPT` run as a user runs it, once per `--modes` entry (a
+  `--preprocess` value; `gpu-w0`: `--preprocess gpu --workers 0`, the GPU path in the command's own process):
   wall clock, start-up (the command's own report: process start to first forward), peak RSS of the command and
   its workers (`ru_maxrss` of the children, the largest process);
 - `gpu_only`: the packed forwards alone on the same batches (the processor's patches, packed by the same token
@@ -186,16 +187,17 @@ def parity(paths, checkpoint: Path, embeddings_by_mode: dict, max_num_patches: i
     for mode, (names, pooled) in embeddings_by_mode.items():
         row_of = {name: i for i, name in enumerate(names)}
         cosines = []
+        path_kind = mode.removesuffix("-w0")  # gpu-w0: the same GPU preprocessing, in the command's process
         for path in paths:
             image = PIL.Image.open(path).convert("RGB")
-            if mode == "gpu":  # the torchvision backend fed nvJPEG's pixels, on the GPU, as the GPU path is
+            if path_kind == "gpu":  # the torchvision backend fed nvJPEG's pixels, on the GPU, as the GPU path is
                 import torchvision.io
 
                 data = torchvision.io.read_file(str(path))
                 image = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device="cuda")
-                inputs = processors[mode](image, return_tensors="pt", device="cuda")
+                inputs = processors[path_kind](image, return_tensors="pt", device="cuda")
             else:
-                inputs = processors[mode](image, return_tensors="pt")
+                inputs = processors[path_kind](image, return_tensors="pt")
             with torch.no_grad():
                 ref = model(inputs["pixel_values"].cuda(), inputs["pixel_attention_mask"].cuda(),
                             inputs["spatial_shapes"].cpu()).pooler_output[0].double().cpu()  # fmt: skip

@@ -230,7 +230,7 @@ class CudaGraphRunner:
                 segment_lengths = bucket.segment_lengths(frame_lengths)
                 cu_seqlens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
                 torch.cumsum(segment_lengths, 0, out=cu_seqlens[1:])
-                captured.packed.frames.cu_seqlens.copy_(cu_seqlens.pin_memory(), non_blocking=True)  # host_to_device
+                captured.packed.frames.cu_seqlens.copy_(cu_seqlens, non_blocking=True)  # pageable: copied now
             captured.graph.replay()
         captured.cu_seqlens_of = layout[0]
         return captured

@@ -18,16 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-def host_to_device(device: torch.device | str, tensor: torch.Tensor) -> torch.Tensor:
-    """Host -> device without a host sync: the copy is queued, no CUDA call waits for the GPU.
-
-    From pinned memory (torch's caching host allocator, which keeps the block until the copy is done): from pageable
-    memory the driver stages each copy itself, which cost ~0.1 ms of host time per small copy on the H200 machine
-    (benchmarks/probe_graph_new_grids.py --profile), several per forward. Pageable while a CUDA graph is captured,
-    where a pinned block would be read again at every replay, after the allocator handed it out anew (and where
-    pageable copies fail loudly)."""
-    if torch.device(device).type == "cuda" and not torch.cuda.is_current_stream_capturing():
-        tensor = tensor.pin_memory()
+def host_to_device(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    # Host -> device without a host sync: the copy is queued, no CUDA call waits for the GPU.
     return tensor.to(device, non_blocking=True)
 
 
