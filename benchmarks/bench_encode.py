@@ -2,8 +2,7 @@
 
 For each `max_num_patches` budget (256, 1024), with Siglip2 so400m/16 random weights in transformers' saved format:
 - corpus: `--images` JPEGs of mixed sizes (sides 200..1600 px) cut and resized from scikit-image's photos;
-- `cli`: `python -m packed_vit encode CORPUS --model CKPT` run as a user runs it, once per `--modes` entry (a
-  `--preprocess` value; `gpu-w0`: `--preprocess gpu --workers 0`, the GPU path in the command's own process):
+- `cli`: `python -m packed_vit encode CORPUS --model CKPT` run as a user runs it, once per `--preprocess` mode:
   wall clock, start-up (the command's own report: process start to first forward), peak RSS of the command and
   its workers (`ru_maxrss` of the children, the largest process);
 - `gpu_only`: the packed forwards alone on the same batches (the processor's patches, packed by the same token
@@ -92,11 +91,9 @@ def write_checkpoint(folder: Path, max_num_patches: int) -> None:
     Siglip2ImageProcessor(patch_size=16, max_num_patches=max_num_patches).save_pretrained(folder)
 
 
-def run_cli(corpus: Path, checkpoint: Path, out: Path, mode: str) -> dict:
-    """`mode`: the --preprocess value, or `gpu-w0` for the GPU path in the command's own process (--workers 0)."""
-    preprocess = mode.removesuffix("-w0")
+def run_cli(corpus: Path, checkpoint: Path, out: Path, preprocess: str) -> dict:
     arguments = ["encode", str(corpus), "--model", str(checkpoint), "--out", str(out), "--no-progress",
-                 "--preprocess", preprocess, *(["--workers", "0"] if mode.endswith("-w0") else [])]  # fmt: skip
+                 "--preprocess", preprocess]  # fmt: skip
     command = [sys.executable, "-c", RUN_AND_REPORT_RSS, *arguments]
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
@@ -187,17 +184,16 @@ def parity(paths, checkpoint: Path, embeddings_by_mode: dict, max_num_patches: i
     for mode, (names, pooled) in embeddings_by_mode.items():
         row_of = {name: i for i, name in enumerate(names)}
         cosines = []
-        path_kind = mode.removesuffix("-w0")  # gpu-w0: the same GPU preprocessing, in the command's process
         for path in paths:
             image = PIL.Image.open(path).convert("RGB")
-            if path_kind == "gpu":  # the torchvision backend fed nvJPEG's pixels, on the GPU, as the GPU path is
+            if mode == "gpu":  # the torchvision backend fed nvJPEG's pixels, on the GPU, as the GPU path is
                 import torchvision.io
 
                 data = torchvision.io.read_file(str(path))
                 image = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device="cuda")
-                inputs = processors[path_kind](image, return_tensors="pt", device="cuda")
+                inputs = processors[mode](image, return_tensors="pt", device="cuda")
             else:
-                inputs = processors[path_kind](image, return_tensors="pt")
+                inputs = processors[mode](image, return_tensors="pt")
             with torch.no_grad():
                 ref = model(inputs["pixel_values"].cuda(), inputs["pixel_attention_mask"].cuda(),
                             inputs["spatial_shapes"].cpu()).pooler_output[0].double().cpu()  # fmt: skip
@@ -239,7 +235,7 @@ def main() -> None:
     parser.add_argument("--reference-images", type=int, default=640)
     parser.add_argument("--parity-images", type=int, default=48)
     parser.add_argument("--budgets", default="256,1024")
-    parser.add_argument("--modes", default="cpu,gpu,gpu-w0")
+    parser.add_argument("--modes", default="cpu,gpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results_encode.json")
     args = parser.parse_args()
 
@@ -279,11 +275,11 @@ def main() -> None:
             cli["end_to_end_over_transformers"] = cli["images_per_s"] / row["transformers"]["images_per_s"]
         results["budgets"][budget] = row
         args.out.write_text(json.dumps(results, indent=1))
-    print(f"\n{'budget':>6} {'mode':>6} {'e2e img/s':>10} {'after start':>11} {'gpu-only':>9} {'e2e/gpu':>8} "
+    print(f"\n{'budget':>6} {'mode':>4} {'e2e img/s':>10} {'after start':>11} {'gpu-only':>9} {'e2e/gpu':>8} "
           f"{'e2e/tf':>7} {'start-up s':>10} {'RSS GiB':>8}")  # fmt: skip
     for budget, row in results["budgets"].items():
         for mode, cli in row["cli"].items():
-            print(f"{budget:>6} {mode:>6} {cli['images_per_s']:>10.0f} {cli['images_per_s_after_startup']:>11.0f} "
+            print(f"{budget:>6} {mode:>4} {cli['images_per_s']:>10.0f} {cli['images_per_s_after_startup']:>11.0f} "
                   f"{row['gpu_only']['images_per_s']:>9.0f} {cli['end_to_end_over_gpu_only']:>8.2f} "
                   f"{cli['end_to_end_over_transformers']:>7.1f} {cli['startup_seconds']:>10.2f} "
                   f"{cli['peak_rss_gib_main_process']:>8.2f}")  # fmt: skip

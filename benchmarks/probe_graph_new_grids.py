@@ -1,5 +1,6 @@
 """Probe (issue 16): CUDA-graph latency when every call brings other grids (position embeddings and cu_seqlens rebuilt
-on each call) vs the same grids each call. Run from the repo root on a GPU: python3 benchmarks/probe_graph_new_grids.py"""
+on each call) vs the same grids each call. Run from the repo root on a GPU: python3 benchmarks/probe_graph_new_grids.py
+[--profile: also cProfile 200 new-grid calls of 1 x 256]"""
 
 import statistics
 import sys

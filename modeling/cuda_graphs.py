@@ -27,7 +27,6 @@ batches over `max_tokens` / `max_frames`.
 from __future__ import annotations
 
 import collections
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -103,30 +102,22 @@ class CapturedForward:
     cu_seqlens_of: bytes | None = None  # the grid_thw whose segments `packed.frames.cu_seqlens` holds
 
 
-@dataclass
-class ModuleSlots:
+def _module_slots(model: torch.nn.Module) -> list:
     """What a graph holds on to: every submodule and parameter object where it is registered, and each parameter's
-    memory (`.to()` on a submodule swaps `.data`). Checked before each replay (~1700 lookups for so400m), in
-    C-level loops (`map`): a Python loop over them took ~0.2 ms of host time per replay (RESULTS.md)."""
+    memory (`.to()` on a submodule swaps `.data`). Checked before each replay: ~1700 lookups for so400m."""
+    slots = []
+    for module in model.modules():
+        slots += [(module._modules, name, child, None) for name, child in module._modules.items()]
+        parameters = [(name, p) for name, p in module._parameters.items() if p is not None]
+        slots += [(module._parameters, name, p, p.data_ptr()) for name, p in parameters]
+    return slots
 
-    registries: list[dict]
-    names: list[str]
-    registered: list
-    parameters: list[torch.nn.Parameter]
-    addresses: list[int]
 
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> "ModuleSlots":
-        slots = [(registry, name, value) for module in model.modules()
-                 for registry in (module._modules, module._parameters)
-                 for name, value in registry.items() if value is not None]  # fmt: skip
-        registries, names, registered = map(list, zip(*slots)) if slots else ([], [], [])
-        parameters = list(model.parameters())
-        return cls(registries, names, registered, parameters, [p.data_ptr() for p in parameters])
-
-    def unchanged(self) -> bool:
-        return all(map(operator.is_, map(dict.get, self.registries, self.names), self.registered)) and \
-            list(map(torch.Tensor.data_ptr, self.parameters)) == self.addresses  # fmt: skip
+def _slots_unchanged(slots: list) -> bool:
+    for registry, name, registered, address in slots:
+        if registry.get(name) is not registered or (address is not None and registered.data_ptr() != address):
+            return False
+    return True
 
 
 class CudaGraphRunner:
@@ -147,7 +138,7 @@ class CudaGraphRunner:
         self.buffers: dict[tuple, StaticBuffers] = {}
         self.pool = None
         self.warmup_streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.slots: ModuleSlots | None = None
+        self.slots: list | None = None
 
     def __deepcopy__(self, memo) -> "CudaGraphRunner":
         return CudaGraphRunner(self.max_tokens, self.max_frames, self.max_graphs, self.capture_graphs)
@@ -175,9 +166,9 @@ class CudaGraphRunner:
 
     def run(self, model, patches: torch.Tensor, packed: PackedGrid, backend: str, bucket: Bucket):
         """-> (last_hidden_state [N, D], pooler_output [F, D] or None) of `model` on this batch, by replay."""
-        if self.capture_graphs and (self.slots is None or not self.slots.unchanged()):
+        if self.capture_graphs and (self.slots is None or not _slots_unchanged(self.slots)):
             self.reset()  # first call, or new modules or weights: capture again
-            self.slots = ModuleSlots.of(model)
+            self.slots = _module_slots(model)
         # What the positions and cu_seqlens in the static buffers are those of: a batch of the same grids as the
         # last one (a service of fixed-size images) skips their host-side work; the weights' versions count
         # in-place updates (load_state_dict) of the position table.

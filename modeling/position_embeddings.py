@@ -96,12 +96,8 @@ def _position_maps_and_rows(side: int, packed: PackedGrid, mode: str, device: to
     maps = torch.cat([_resize_map(side, h, w, mode, device) for h, w in shapes.tolist()])
     sizes = shapes.prod(1)
     first_row_of_frame = (torch.cumsum(sizes, 0) - sizes)[shape_of_frame]  # [F]: where its shape's map starts
-    # Each token's row (its frame's first row + its index in the frame) on the host and copied once: built on the
-    # device it took three copies and five kernels, the host's time in a small CUDA-graph forward (RESULTS.md).
-    lengths = packed.frames.lengths
-    frame_starts = torch.cumsum(lengths, 0) - lengths
-    offset = torch.repeat_interleave(first_row_of_frame - frame_starts, lengths, output_size=packed.num_tokens)
-    return maps, host_to_device(device, offset + torch.arange(packed.num_tokens))  # [N]
+    rows = packed.per_token(first_row_of_frame) + packed.frames.index_in_segment  # [N]
+    return maps, rows
 
 
 @torch.compiler.disable  # host-side, no parameters: eager under torch.compile (see pack_inputs)

@@ -13,7 +13,7 @@ from reference import FP32_REL_TOL, aimv2_pair, assert_matches_reference, random
 from reference import aimv2_reference, siglip2_reference
 
 from packed_vit.modeling.conversion_siglip2 import convert_siglip2_state_dict
-from packed_vit.modeling.cuda_graphs import Bucket, CudaGraphRunner, ModuleSlots
+from packed_vit.modeling.cuda_graphs import Bucket, CudaGraphRunner, _module_slots, _slots_unchanged
 
 TOWERS = {"siglip2": (siglip2_pair, siglip2_reference), "aimv2": (aimv2_pair, aimv2_reference)}
 # 1x1, elongated, video, a batch that fills its bucket exactly (no padding: every spare segment is empty), and
@@ -110,20 +110,20 @@ def test_enable_disable_and_copies():
 
 def test_replaced_modules_and_weights_are_seen_copied_weights_are_not():
     _, ours = siglip2_pair()
-    slots = ModuleSlots.of(ours)
+    slots = _module_slots(ours)
     ours.load_state_dict(ours.state_dict())  # copies in place: a graph reads the new values itself
-    assert slots.unchanged()
+    assert _slots_unchanged(slots)
     ours.encoder.layers[0].mlp.fc1.to(torch.float64)  # .data swapped on a submodule
-    assert not slots.unchanged()
-    slots = ModuleSlots.of(ours)
+    assert not _slots_unchanged(slots)
+    slots = _module_slots(ours)
     ours.encoder.layers[1].mlp.fc2 = torch.nn.Linear(96, 64)  # a module replaced (as PEFT does)
-    assert not slots.unchanged()
-    slots = ModuleSlots.of(ours)
+    assert not _slots_unchanged(slots)
+    slots = _module_slots(ours)
     ours.head.probe = torch.nn.Parameter(ours.head.probe.detach().clone())  # a parameter replaced
-    assert not slots.unchanged()
-    slots = ModuleSlots.of(ours)
+    assert not _slots_unchanged(slots)
+    slots = _module_slots(ours)
     ours.encoder.layers[0].mlp.fc2.weight.data = ours.encoder.layers[0].mlp.fc2.weight.data.clone()  # memory swapped
-    assert not slots.unchanged()
+    assert not _slots_unchanged(slots)
 
 
 @pytest.mark.parametrize("tower", TOWERS)

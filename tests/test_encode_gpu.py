@@ -64,25 +64,6 @@ def test_a_chunk_is_normalized_at_once_to_the_same_bits_as_each_image(tmp_path):
     for entry, image in zip(chunk.entries, decoded):
         patches, grid = ours.patches(image)
         assert entry.grid == grid and torch.equal(entry.pixels, patches), entry.name
-    # a GPU worker's chunk: resized uint8 patches on the host, normalized in the tower's process to the same bits
-    (on_host,) = [ours.chunk_on_host(c) for c in dataset]
-    assert not on_host.uint8_pixels.is_cuda
-    normalized = ours.normalized(on_host.uint8_pixels.cuda())
-    for entry, expected in zip(on_host.entries, chunk.entries):
-        assert entry.kind == "uint8" and entry.grid == expected.grid, entry.name
-        assert torch.equal(normalized[entry.rows], expected.pixels), entry.name
-
-
-def test_gpu_worker_processes_equal_the_in_process_gpu_path_to_the_bit(tmp_path):
-    folder = tmp_path / "ckpt"
-    formats.siglip2_full_model(*siglip2_pair(), folder)
-    model, processor = load_model_and_processor(str(folder), device="cuda", dtype=torch.float32)
-    images = [(str(p), p) for p in jpegs(tmp_path, 10)]
-    runs = {workers: encode_images(model, processor, images, max_tokens=700, progress=False, workers=workers,
-                                   preprocess="gpu") for workers in (0, 1, 2)}  # fmt: skip
-    for workers in (1, 2):
-        assert runs[workers].names == runs[0].names == [name for name, _ in images]
-        assert torch.equal(runs[workers].tensors()["pooled"], runs[0].tensors()["pooled"]), workers
 
 
 def test_auto_takes_the_gpu_path_on_cuda(tmp_path):

@@ -110,7 +110,7 @@ def test_workers_report_unreadable_files_in_order_and_go_on(checkpoint, photos, 
 
 
 def test_spawned_workers_get_the_dataset_pickled_and_give_the_same_chunks(checkpoint, photos, tmp_path):
-    """The GPU path's workers are spawned (CUDA needs a fresh process), so the dataset and its sample source travel
+    """Workers started by spawn (the DataLoader's default on macOS and Windows) get the dataset and its sample source
     pickled: files and tar shards, resumed parts, in order, unreadable files kept as skips."""
     from packed_vit.encode.inputs import find_parts
     from packed_vit.encode.job import PartsSource

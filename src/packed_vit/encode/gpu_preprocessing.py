@@ -155,9 +155,8 @@ class GpuPreprocessing:
         patches, grid = self.resized_patches(image)
         return self.normalized(patches), grid
 
-    def resized_chunk(self, chunk) -> tuple[list, list[torch.Tensor]]:
-        """The chunk's GPU-path entries (their `grid` set) and their resized uint8 patches on the GPU; a JPEG nvJPEG
-        cannot decode becomes a skip."""
+    def prepare_chunk(self, chunk) -> None:
+        """Sets `pixels` and `grid` of the chunk's GPU-path entries; a JPEG nvJPEG cannot decode becomes a skip."""
         jpegs = [entry for entry in chunk.entries if entry.kind == "jpeg"]
         decoded = self.decode([chunk.encoded[entry.rows] for entry in jpegs])
         images = dict(zip(map(id, jpegs), decoded))
@@ -175,11 +174,6 @@ class GpuPreprocessing:
             patches, entry.grid = self.resized_patches(image)
             mine.append(entry)
             pieces.append(patches)
-        return mine, pieces
-
-    def prepare_chunk(self, chunk) -> None:
-        """In the process that runs the tower: sets `pixels` and `grid` of the chunk's GPU-path entries."""
-        mine, pieces = self.resized_chunk(chunk)
         if not mine:
             return
         pixels = self.normalized(torch.cat(pieces))
@@ -187,15 +181,3 @@ class GpuPreprocessing:
         for entry, patches in zip(mine, pieces):
             entry.pixels = pixels[start : start + len(patches)]
             start += len(patches)
-
-    def chunk_on_host(self, chunk):
-        """In a worker process: the chunk with its GPU-path images as resized uint8 patches in host memory (kind
-        "uint8", rows of `uint8_pixels`), for the tower's process to finish with `normalized`."""
-        mine, pieces = self.resized_chunk(chunk)
-        start = 0
-        for entry, patches in zip(mine, pieces):
-            entry.kind, entry.rows = "uint8", slice(start, start + len(patches))
-            start += len(patches)
-        patch_dim = 3 * self.options["patch_size"] ** 2
-        patches = torch.cat(pieces).cpu() if pieces else torch.zeros(0, patch_dim, dtype=torch.uint8)
-        return type(chunk)(chunk.entries, patches, chunk.float_pixels, torch.zeros(0, dtype=torch.uint8))

@@ -167,7 +167,7 @@ def fail(message: str, status: int = 2) -> int:
 @dataclass
 class PartsSource:
     """The samples of parts, each from its resume position on, tagged (part index, position in the part). A class,
-    not a closure: spawned workers (the GPU path) receive it pickled."""
+    not a closure, so that DataLoader workers started by spawn (macOS and Windows by default) receive it pickled."""
 
     todo: list[tuple[Part, int]]
 

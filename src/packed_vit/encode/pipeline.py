@@ -15,13 +15,10 @@
   very same forwards. Forwards are queued back to back: the results of forward i are read (one event wait) only once
   forward i + 1 is queued. On CUDA a thread takes the chunks to the device and finishes their preprocessing
   (`in_background`) while this one queues the forwards, each thread on its own stream (`Streams`).
-- `preprocess="gpu"` (Siglip2 only): JPEGs are decoded on the GPU (nvJPEG) and resized there as transformers'
-  torchvision backend of Siglip2ImageProcessor does (`gpu_preprocessing`), then rescaled and normalized with its
-  arithmetic in this process. With workers, that runs in `GPU_WORKERS` spawned processes of their own (CUDA
-  contexts of their own): nvJPEG's batch decode waits for all the work queued in its context, so here it would
-  drain the forwards' queue at every batch; the workers ship the resized uint8 patches. With `workers=0` the
-  decode runs in this process's preprocessing thread. `"auto"` takes the GPU path wherever it applies (a Siglip2
-  checkpoint on CUDA, torchvision with nvJPEG), else the CPU path: measured faster (RESULTS.md, encode job).
+- `preprocess="gpu"` (Siglip2 only): workers only read the files; JPEGs are decoded on the GPU (nvJPEG), resized,
+  rescaled and normalized there as transformers' torchvision backend of Siglip2ImageProcessor does (`gpu_preprocessing`).
+  `"auto"` takes it wherever it applies (a Siglip2 checkpoint on CUDA, torchvision with nvJPEG), else the CPU path:
+  measured faster (RESULTS.md, encode job).
 """
 
 from __future__ import annotations
@@ -48,10 +45,6 @@ CHUNK = 16  # samples per worker task: large enough to amortise IPC, small enoug
 # the device: few large batches. Measured on the H200 machine, batches of 16 / 64 / 256 decode 5500 / 8300 / 8900
 # images/s on an idle GPU (RESULTS.md, encode job).
 GPU_CHUNK = 256
-# GPU-path worker processes: each holds a CUDA context (about 0.5 GB of device memory) and competes with the forwards
-# for the GPU. Measured on the H200 machine next to so400m forwards at 256 patches (benchmarks/decode_placement.py):
-# one process decodes + resizes ~1770 images/s, two ~3200 (RESULTS.md, encode job).
-GPU_WORKERS = 2
 PREFETCH_CHUNKS = 2  # chunks preprocessed ahead of the forwards, on CUDA (`in_background`)
 PIPELINE_DEPTH = 2  # forwards queued on the device before the host waits for the oldest one's results
 
@@ -164,8 +157,8 @@ rejects come as (tag, None): counted, not read."""
 
 @dataclass
 class PairsSource:
-    """A `SampleSource` of (name, image or path) pairs, tagged by their index. A class, not a closure: spawned
-    workers (the GPU path) receive the dataset pickled."""
+    """A `SampleSource` of (name, image or path) pairs, tagged by their index. A class, not a closure, so that
+    DataLoader workers started by spawn (macOS and Windows by default) receive it pickled."""
 
     pairs: list[tuple[str, Any]]
 
@@ -174,17 +167,10 @@ class PairsSource:
             yield index, ((name, image) if mine(index) else None)
 
 
-
 class ChunkDataset(torch.utils.data.IterableDataset):
-    """`gpu_decode`: read the files only (the GPU path); with `decode_device` too, decode and resize them there as
-    well, in the worker (`GpuPreprocessing.chunk_on_host`)."""
-
-    def __init__(self, samples: SampleSource, prepare: CpuPreparation, gpu_decode: bool,
-                 decode_device: torch.device | None = None):  # fmt: skip
+    def __init__(self, samples: SampleSource, prepare: Callable[[Entry, Any], Any], gpu_decode: bool):
         self.samples, self.prepare, self.gpu_decode = samples, prepare, gpu_decode
-        self.decode_device = decode_device
         self.chunk_size = GPU_CHUNK if gpu_decode else CHUNK
-        self.gpu = None  # the worker's GpuPreprocessing, made there on its first chunk
 
     def __iter__(self) -> Iterator[Chunk]:
         info = torch.utils.data.get_worker_info()
@@ -236,15 +222,8 @@ class ChunkDataset(torch.utils.data.IterableDataset):
 
         encoded_bytes = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if encoded else \
             torch.zeros(0, dtype=torch.uint8)  # fmt: skip
-        chunk = Chunk(entries, stack(uint8_rows, torch.uint8), stack(float_rows, torch.float32).float(),
-                      encoded_bytes, [torch.from_numpy(d) for d in decoded])  # fmt: skip
-        if self.decode_device is None:
-            return chunk
-        if self.gpu is None:
-            from .gpu_preprocessing import GpuPreprocessing
-
-            self.gpu = GpuPreprocessing(self.prepare.processor, self.decode_device)
-        return self.gpu.chunk_on_host(chunk)
+        return Chunk(entries, stack(uint8_rows, torch.uint8), stack(float_rows, torch.float32).float(),
+                     encoded_bytes, [torch.from_numpy(d) for d in decoded])  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -355,14 +334,11 @@ class InFlight:
         return ForwardResult(self.group, self.entries, pooled, self.features, self.by_head, seconds, self.launched_at)
 
 
-def chunks_on_device(
-    chunks: Iterable[Chunk], device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor], gpu
-) -> Iterator[list[Entry]]:
-    """Each chunk's entries, in order, their pixels on `device` and ready for the tower. `normalize`: uint8 patches
-    -> the processor's float32 (the PIL or the torchvision backend's arithmetic); `gpu`: decodes "jpeg" entries."""
+def chunks_on_device(chunks: Iterable[Chunk], device: torch.device, options: dict | None, gpu) -> Iterator[list[Entry]]:
+    """Each chunk's entries, in order, their pixels on `device` and ready for the tower."""
     for chunk in chunks:
         uint8_pixels = chunk.uint8_pixels.to(device, non_blocking=True)
-        normalized = normalize(uint8_pixels) if len(uint8_pixels) else uint8_pixels
+        normalized = normalize_patches(uint8_pixels, options) if len(uint8_pixels) else uint8_pixels
         float_pixels = chunk.float_pixels.to(device, non_blocking=True)
         if gpu is not None:
             gpu.prepare_chunk(chunk)  # decodes, resizes and normalizes the chunk's images on the GPU
@@ -458,23 +434,16 @@ def encoded_results(
             if preprocess == "gpu":
                 raise
     prepare = CpuPreparation(processor)
-    gpu_workers = min(workers, GPU_WORKERS) if gpu is not None else 0  # they decode and resize on the GPU
-    dataset = ChunkDataset(samples, prepare, gpu_decode=gpu is not None, decode_device=device if gpu_workers else None)
+    dataset = ChunkDataset(samples, prepare, gpu_decode=gpu is not None)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,  # a worker's item is already a chunk
-        num_workers=gpu_workers or workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
-        # CUDA in a worker needs a fresh process: a forked one inherits this process's CUDA state
-        multiprocessing_context="spawn" if gpu_workers else None,
     )
-    if gpu is not None:
-        normalize = gpu.normalized
-    else:
-        normalize = lambda patches: normalize_patches(patches, prepare.options)  # noqa: E731
-    chunks = chunks_on_device(loader, device, normalize, None if gpu_workers else gpu)
+    chunks = chunks_on_device(loader, device, prepare.options, gpu)
     streams = None
     if device.type == "cuda":
         streams = Streams(torch.cuda.Stream(device), torch.cuda.Stream(device))
