@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch import nn
@@ -53,29 +54,40 @@ if triton is not None:
 FUSED_ADD_NORM_MIN_TOKENS = 8192
 
 
+# A lower threshold for one thread at a time: cuda_graphs.py captures graphs (which launch nothing from the host)
+# with its own. Per thread, so that a capture in one thread neither changes another thread's eager forwards nor,
+# when two captures overlap, leaves the module's default changed behind them.
+_threshold_of_this_thread = threading.local()
+
+
 @contextlib.contextmanager
 def fused_add_norm_from(min_tokens: int):
-    """Within: the fused pass runs from `min_tokens` tokens (cuda_graphs.py captures graphs, which launch nothing from
-    the host, with its own threshold)."""
-    global FUSED_ADD_NORM_MIN_TOKENS
-    saved, FUSED_ADD_NORM_MIN_TOKENS = FUSED_ADD_NORM_MIN_TOKENS, min_tokens
+    """Within, in this thread: the fused pass runs from `min_tokens` tokens."""
+    saved = getattr(_threshold_of_this_thread, "min_tokens", None)
+    _threshold_of_this_thread.min_tokens = min_tokens
     try:
         yield
     finally:
-        FUSED_ADD_NORM_MIN_TOKENS = saved
+        _threshold_of_this_thread.min_tokens = saved
+
+
+def fused_add_norm_min_tokens() -> int:
+    """The threshold in this thread: `fused_add_norm_from`'s, else FUSED_ADD_NORM_MIN_TOKENS."""
+    min_tokens = getattr(_threshold_of_this_thread, "min_tokens", None)
+    return FUSED_ADD_NORM_MIN_TOKENS if min_tokens is None else min_tokens
 
 
 def fused_add_norm_applies(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
     """The Triton pass runs for inference on CUDA (no autograd formula) on enough tokens to keep the GPU busy;
-    torch.compile fuses the plain ops itself."""
+    torch.compile fuses the plain ops itself (checked before the threshold: compiled code never reads it)."""
     return (
         triton is not None
         and hidden_states.is_cuda
-        and hidden_states.shape[0] >= FUSED_ADD_NORM_MIN_TOKENS
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and hidden_states.dim() == 2
         and hidden_states.dtype == weight.dtype
+        and hidden_states.shape[0] >= fused_add_norm_min_tokens()
     )
 
 

@@ -6,6 +6,7 @@ segments and static buffers, with the pure-PyTorch attention instead of the flas
 """
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -149,3 +150,30 @@ def test_positions_kept_for_the_same_grids_follow_in_place_weight_updates():
         ref_last, ref_pooled = siglip2_reference(ref, hidden_states, grid_thw)
     assert ours.cuda_graphs.replays == 2
     assert_matches_reference(out, ref_last, ref_pooled, grid_thw, has_head=True, tol=FP32_REL_TOL)
+
+
+def test_the_graphs_fused_norm_threshold_holds_in_the_capturing_thread_only():
+    """A capture lowers the fused add + norm threshold for its own thread: another thread's eager forwards keep the
+    default, and overlapping captures in two threads leave it as it was."""
+    from packed_vit.modeling import fused_norm
+
+    default = fused_norm.FUSED_ADD_NORM_MIN_TOKENS
+    seen_inside, entered, release = [], threading.Event(), threading.Event()
+
+    def capture():
+        with fused_norm.fused_add_norm_from(0):
+            seen_inside.append(fused_norm.fused_add_norm_min_tokens())
+            entered.set()
+            release.wait(10)
+        seen_inside.append(fused_norm.fused_add_norm_min_tokens())
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    assert entered.wait(10)
+    assert fused_norm.fused_add_norm_min_tokens() == default  # the other thread's capture does not reach here
+    with fused_norm.fused_add_norm_from(16):  # a capture here overlaps it, and ends first
+        assert fused_norm.fused_add_norm_min_tokens() == 16
+    assert fused_norm.fused_add_norm_min_tokens() == default
+    release.set()
+    thread.join(10)
+    assert seen_inside == [0, default] and fused_norm.fused_add_norm_min_tokens() == default
