@@ -1,6 +1,7 @@
 """CPU (issue 16): packed forward vs transformers run image by image (sdpa), both towers, small random-weight towers,
 one thread, interleaved calls, the fastest of REPEATS;
-also ours in one pass (CPU_TOKENS_PER_PASS lifted). Usage: python benchmarks/cpu_vs_reference.py [REPEATS] [CASES]"""
+also ours with other pass limits (CPU_TOKENS_PER_PASS; "one" = one pass).
+Usage: python benchmarks/cpu_vs_reference.py [REPEATS] [CASES] [LIMITS, default "one"]"""
 import statistics, sys, time
 import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
@@ -32,23 +33,29 @@ def towers(name):
                 ref(pixel_values=p.view(1, h, w, 14, 14, 3).permute(0, 5, 1, 3, 2, 4).reshape(1, 3, h * 14, w * 14))
     return ours, run_ref, f["patch_size"] ** 2 * 3
 REPEATS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-CASES = sys.argv[2].split(",") if len(sys.argv) > 2 else ["6 mixed", "4 x 16x16", "1 x 24x24"]
+CASES = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else ["6 mixed", "4 x 16x16", "1 x 24x24"]
+LIMITS = sys.argv[3].split(",") if len(sys.argv) > 3 else ["one"]
+ALL_CASES = (("6 mixed", MIXED), ("4 x 16x16", SAME), ("1 x 24x24", [(1, 24, 24)]), ("8 x 16x16", SAME * 2),
+             ("16 x 8x8", [(1, 8, 8)] * 16), ("2 x 32x32", [(1, 32, 32)] * 2))
 for name in ("siglip2", "aimv2"):
     ours, run_ref, pdim = towers(name)
-    for label, grids in [c for c in (("6 mixed", MIXED), ("4 x 16x16", SAME), ("1 x 24x24", [(1, 24, 24)])) if c[0] in CASES]:
+    for label, grids in [c for c in ALL_CASES if c[0] in CASES]:
         hs, grid = random_packed(grids, pdim)
-        t_ours, t_one, t_ref = [], [], []
-        passes = packed_model.CPU_TOKENS_PER_PASS
-        def one_pass():  # the whole batch in one pass, as before CPU_TOKENS_PER_PASS
-            packed_model.CPU_TOKENS_PER_PASS = 1 << 40
+        default = packed_model.CPU_TOKENS_PER_PASS
+        def with_limit(limit):  # ours with another pass limit
+            packed_model.CPU_TOKENS_PER_PASS = 1 << 40 if limit == "one" else int(limit)
             try: ours(hs, grid)
-            finally: packed_model.CPU_TOKENS_PER_PASS = passes
+            finally: packed_model.CPU_TOKENS_PER_PASS = default
+        calls = {"packed": lambda: ours(hs, grid), "transformers": lambda: run_ref(hs, grid),
+                 **{limit: (lambda limit=limit: with_limit(limit)) for limit in LIMITS}}
+        times = {key: [] for key in calls}
         with torch.no_grad():
-            ours(hs, grid); run_ref(hs, grid); one_pass()
+            for call in calls.values(): call()
             for _ in range(REPEATS):
-                s = time.perf_counter(); ours(hs, grid); t_ours.append(time.perf_counter() - s)
-                s = time.perf_counter(); run_ref(hs, grid); t_ref.append(time.perf_counter() - s)
-                s = time.perf_counter(); one_pass(); t_one.append(time.perf_counter() - s)
-        o, r, one = min(t_ours) * 1e3, min(t_ref) * 1e3, min(t_one) * 1e3
-        print(f"{name:8s} {label:10s} ({hs.shape[0]} tokens): packed {o:7.1f} ms (in one pass {one:7.1f}), "
-              f"transformers per image {r:7.1f} ms, ratio ref/ours {r/o:.2f} (one pass {r/one:.2f})")
+                for key, call in calls.items():
+                    s = time.perf_counter(); call(); times[key].append(time.perf_counter() - s)
+        best = {key: min(t) * 1e3 for key, t in times.items()}
+        r = best["transformers"]
+        others = ", ".join(f"limit {limit} {best[limit]:.1f} ({r / best[limit]:.2f})" for limit in LIMITS)
+        print(f"{name:8s} {label:10s} ({hs.shape[0]} tokens): packed {best['packed']:7.1f} ms, transformers per image "
+              f"{r:7.1f} ms, ratio ref/ours {r / best['packed']:.2f}; {others}", flush=True)
