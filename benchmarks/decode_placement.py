@@ -50,10 +50,10 @@ def decode_chunks(gpu, jpegs: list[torch.Tensor], stop, counter) -> None:
     while not stop.is_set():
         for start in range(0, len(jpegs), CHUNK):
             images = gpu.decode(jpegs[start : start + CHUNK])
-            patches = torch.cat([gpu.resized_patches(image)[0] for image in images]).cpu()
+            torch.cat([gpu.resized_patches(image)[0] for image in images]).cpu()  # on the host, as a worker ships them
             with counter.get_lock():
                 counter.value += len(images)
-            if stop.is_set() or patches is None:
+            if stop.is_set():
                 return
 
 
