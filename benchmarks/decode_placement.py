@@ -30,10 +30,9 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_encode  # noqa: E402  (the corpus recipe)
+import bench_encode  # noqa: E402  (the corpus recipe, the tower's sizes)
+from encode_stages import busy  # noqa: E402
 
-SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, num_patches=256,
-              patch_size=16, vision_use_head=True)  # fmt: skip
 SECONDS = 8.0
 CHUNK = 256
 
@@ -43,6 +42,10 @@ def gpu_preprocessing():
     from packed_vit.processing import Siglip2PackingImageProcessor
 
     return GpuPreprocessing(Siglip2PackingImageProcessor(max_num_patches=256), torch.device("cuda"))
+
+
+def read_jpegs(paths) -> list[torch.Tensor]:
+    return [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
 
 
 def decode_chunks(gpu, jpegs: list[torch.Tensor], stop, counter) -> None:
@@ -59,7 +62,7 @@ def decode_chunks(gpu, jpegs: list[torch.Tensor], stop, counter) -> None:
 
 def gpu_decoder_process(paths, ready, stop, counter) -> None:
     gpu = gpu_preprocessing()
-    jpegs = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
+    jpegs = read_jpegs(paths)
     gpu.decode(jpegs[:CHUNK])  # warm-up
     ready.set()
     decode_chunks(gpu, jpegs, stop, counter)
@@ -136,7 +139,7 @@ def gpu_process(paths, model, processes: int) -> dict:
 
 def gpu_thread(paths, model) -> dict:
     gpu = gpu_preprocessing()
-    jpegs = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
+    jpegs = read_jpegs(paths)
     counter, stop = mp.Value("l", 0), threading.Event()
 
     def run():
@@ -173,17 +176,14 @@ def cpu_workers(paths, model, how: str, workers: int) -> dict:
 
 def nvjpeg_wait(paths) -> dict:
     gpu = gpu_preprocessing()
-    jpegs = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths[:64]]
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    jpegs = read_jpegs(paths[:64])
     side = torch.cuda.Stream()
     report = {}
     for attempt in range(3):
         for where in ("idle", "side_stream_busy"):
             torch.cuda.synchronize()
             if where != "idle":
-                with torch.cuda.stream(side):
-                    for _ in range(133):  # ~200 ms
-                        a @ a
+                busy(side, 200.0)
             start = time.perf_counter()
             gpu.decode(jpegs)
             report[f"decode_64_{where}_ms_{attempt}"] = 1e3 * (time.perf_counter() - start)
@@ -204,7 +204,7 @@ def main() -> None:
     import packed_vit
 
     with torch.device("cuda"):
-        model = packed_vit.Siglip2PackingVisionModel(packed_vit.Siglip2PackingVisionConfig(**SO400M))
+        model = packed_vit.Siglip2PackingVisionModel(packed_vit.Siglip2PackingVisionConfig(**bench_encode.SO400M))
     model = model.bfloat16().eval()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
