@@ -9,11 +9,19 @@ are padded to a size bucket, and one graph is captured per bucket, on the bucket
   The padding tokens form trailing dummy segments of at most `max_seqlen` tokens, and segments left over are empty
   (zero-length: the varlen kernels read each length from `cu_seqlens` on the device). Every op but attention works
   on rows independently, and attention stays inside segments, so padding never reaches a real token.
-- What the graph reads changes in place before each replay: the patches, the position embeddings (built eagerly
-  from `grid_thw` on the host side, as in an eager forward) and `cu_seqlens`. Real tokens come first, so the
-  outputs are the first N rows and the first F pooled rows, copied out (the next replay overwrites them).
+- What the graph reads changes in place before each replay: the patches, the position embeddings and
+  `cu_seqlens`. Real tokens come first, so the outputs are the first N rows and the first F pooled rows, copied out
+  (the next replay overwrites them).
+- Host work before the replay is what such a forward waits for, so it is kept small: the batch layout of each
+  recent `grid_thw` (frames, bucket, `cu_seqlens`) is kept, and so are the position rows of each recent frame
+  shape (a frame's rows depend on its shape alone): a new batch of shapes seen before costs one concatenation of
+  their rows. A shape never seen is computed by the model's own (eager) `embeddings.positions`. Whether the model
+  still holds the modules and parameter memory the graphs read is checked on every call, its module registries
+  only after a registration anywhere (counted by torch's global registration hooks, installed with the first
+  runner).
 - Memory: all graphs share one pool (about the activations of the largest bucket's forward: graphs run one at a
-  time and nothing of one is read after another replays) plus static buffers of `max_tokens` rows.
+  time and nothing of one is read after another replays), static buffers of `max_tokens` rows, and the position
+  rows of recent frame shapes, at most `max_tokens` rows (as much as the static position buffer).
 
 Direct `torch.cuda.CUDAGraph` capture rather than `torch.compile(mode="reduce-overhead")`: no compile time (an
 Inductor compile of so400m per bucket), no recompiles or graph breaks around the host-side packing metadata, and
@@ -27,6 +35,8 @@ batches over `max_tokens` / `max_frames`.
 from __future__ import annotations
 
 import collections
+import functools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +50,7 @@ GRAPH_BACKENDS = ("varlen_attn",)
 # at every size there; eagerly it waits for 8192 tokens (fused_norm.py).
 GRAPH_FUSED_ADD_NORM_MIN_TOKENS = 0
 WARMUP_CALLS = 2  # before a capture: Triton compiles, cuBLAS picks its kernels and allocates its workspace
+KEPT_LAYOUTS = 256  # the host-side layouts of the most recent distinct grids (a few KB each)
 MIN_MAX_SEQLEN = 128  # below one 128-row tile the flash kernels launch the same grid: fewer distinct buckets
 
 
@@ -102,22 +113,75 @@ class CapturedForward:
     cu_seqlens_of: bytes | None = None  # the grid_thw whose segments `packed.frames.cu_seqlens` holds
 
 
-def _module_slots(model: torch.nn.Module) -> list:
+def _module_slots(model: torch.nn.Module) -> tuple:
     """What a graph holds on to: every submodule and parameter object where it is registered, and each parameter's
-    memory (`.to()` on a submodule swaps `.data`). Checked before each replay: ~1700 lookups for so400m."""
-    slots = []
+    memory (`.to()` on a submodule swaps `.data`): ~800 registry entries and ~450 addresses for so400m."""
+    registries, names, registered, parameters = [], [], [], []
     for module in model.modules():
-        slots += [(module._modules, name, child, None) for name, child in module._modules.items()]
-        parameters = [(name, p) for name, p in module._parameters.items() if p is not None]
-        slots += [(module._parameters, name, p, p.data_ptr()) for name, p in parameters]
-    return slots
+        for registry in (module._modules, module._parameters):
+            for name, value in registry.items():
+                if value is not None:
+                    registries.append(registry), names.append(name), registered.append(value)
+        parameters += [p for p in module._parameters.values() if p is not None]
+    return registries, names, registered, parameters, list(map(torch.Tensor.data_ptr, parameters))
 
 
-def _slots_unchanged(slots: list) -> bool:
-    for registry, name, registered, address in slots:
-        if registry.get(name) is not registered or (address is not None and registered.data_ptr() != address):
-            return False
-    return True
+# The checks run as C-level `map`s: a Python loop over the slots took ~130 us per call, about a third of a replayed
+# forward's host time (benchmarks/RESULTS.md).
+def _registries_unchanged(slots: tuple) -> bool:
+    registries, names, registered, _, _ = slots
+    return all(map(operator.is_, map(dict.get, registries, names), registered))
+
+
+def _addresses_unchanged(slots: tuple) -> bool:
+    _, _, _, parameters, addresses = slots
+    return list(map(torch.Tensor.data_ptr, parameters)) == addresses
+
+
+def _slots_unchanged(slots: tuple) -> bool:
+    return _registries_unchanged(slots) and _addresses_unchanged(slots)
+
+
+# Submodule and parameter registrations anywhere in this process (`module.x = ...`, `add_module`,
+# `register_parameter`), counted by torch's global registration hooks, installed with the first runner: the
+# registries are looked at again only after one.
+_registrations = [0]
+
+
+def _count_registration(module, name, value) -> None:
+    _registrations[0] += 1  # returns None: the registered object stays as it is
+
+
+@functools.cache
+def _count_registrations() -> None:
+    torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+    torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+@dataclass
+class Layout:
+    """A batch's frames as the graphs see them, from `grid_thw` alone (host). The runner keeps the layouts of recent
+    grids: a batch of grids seen before skips this work."""
+
+    grid: bytes  # grid_thw's bytes: the key
+    frame_shapes: list  # [(h, w)] per frame
+    frame_lengths: torch.Tensor  # [F] int64, host
+    num_tokens: int
+    bucket: Bucket | None  # None: too large for the graphs
+    cu_seqlens: torch.Tensor | None  # [bucket.segments + 1] int32, host: the bucket's segments for these frames
+
+    @classmethod
+    def of(cls, grid_thw: torch.Tensor, max_tokens: int, max_frames: int) -> "Layout":
+        frame_shapes = [(h, w) for t, h, w in grid_thw.tolist() for _ in range(t)]
+        lengths = [h * w for h, w in frame_shapes]
+        frame_lengths, num_tokens = torch.tensor(lengths, dtype=torch.int64), sum(lengths)
+        bucket, cu_seqlens = None, None
+        if 0 < num_tokens <= max_tokens and len(lengths) <= max_frames:
+            bucket = Bucket.fitting(num_tokens, len(lengths), max(lengths))
+            segment_lengths = bucket.segment_lengths(frame_lengths)
+            cu_seqlens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
+            torch.cumsum(segment_lengths, 0, out=cu_seqlens[1:])
+        return cls(grid_thw.numpy().tobytes(), frame_shapes, frame_lengths, num_tokens, bucket, cu_seqlens)
 
 
 class CudaGraphRunner:
@@ -130,6 +194,8 @@ class CudaGraphRunner:
         self.capture_graphs = capture_graphs
         self.fused_add_norm_min_tokens = GRAPH_FUSED_ADD_NORM_MIN_TOKENS
         self.replays = 0  # forwards served by a graph (or by the padded forward, without capture)
+        self.layouts: collections.OrderedDict[bytes, Layout] = collections.OrderedDict()  # LRU order
+        _count_registrations()
         self.reset()
 
     def reset(self) -> None:
@@ -138,7 +204,12 @@ class CudaGraphRunner:
         self.buffers: dict[tuple, StaticBuffers] = {}
         self.pool = None
         self.warmup_streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.slots: list | None = None
+        self.slots: tuple | None = None
+        self.slots_registrations = -1  # the registration count when `slots` were taken
+        # (h, w) -> that frame shape's position rows [h*w, D], LRU order, at most `max_tokens` rows in all, for
+        # `shape_positions_of` (device, the embeddings' parameter versions)
+        self.shape_positions: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self.shape_positions_of: tuple | None = None
 
     def __deepcopy__(self, memo) -> "CudaGraphRunner":
         return CudaGraphRunner(self.max_tokens, self.max_frames, self.max_graphs, self.capture_graphs)
@@ -150,46 +221,90 @@ class CudaGraphRunner:
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
-    def bucket_for(self, patches: torch.Tensor, packed: PackedGrid, backend: str, output_hidden_states):
-        """The bucket this forward replays, or None where it runs eagerly."""
+    def applies(self, patches: torch.Tensor, backend: str, output_hidden_states) -> bool:
+        """Whether this forward may replay a graph (the batch's size is `forward`'s to check)."""
         if output_hidden_states or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return None
-        if not 0 < packed.num_tokens <= self.max_tokens or packed.num_frames > self.max_frames:
-            return None
+            return False
         if torch.is_autocast_enabled(patches.device.type):
-            return None
+            return False
         if self.capture_graphs:
             on_graph_device = patches.is_cuda and backend in GRAPH_BACKENDS
             if not on_graph_device or torch.cuda.is_current_stream_capturing():
-                return None
-        return Bucket.fitting(packed.num_tokens, packed.num_frames, packed.frames.max_seqlen)
+                return False
+        return True
 
-    def run(self, model, patches: torch.Tensor, packed: PackedGrid, backend: str, bucket: Bucket):
-        """-> (last_hidden_state [N, D], pooler_output [F, D] or None) of `model` on this batch, by replay."""
-        if self.capture_graphs and (self.slots is None or not _slots_unchanged(self.slots)):
+    def forward(self, model, patches: torch.Tensor, grid_thw: torch.Tensor, backend: str, output_hidden_states):
+        """-> (last_hidden_state [N, D], pooler_output [F, D] or None) of `model` on this checked batch
+        (`grid_thw` on the host), by replay; None where the forward runs eagerly instead.
+
+        Host work is what bounds a replayed forward, so a batch of the same grids as the last one (a service of
+        fixed-size images) reuses its layout, positions and `cu_seqlens`, and a new batch builds its position rows
+        from those of the frame shapes seen before (`shape_positions`): no `PackedGrid` is built here.
+        """
+        if not self.applies(patches, backend, output_hidden_states):
+            return None
+        grid = grid_thw.numpy().tobytes()
+        layout = self.layouts.get(grid)
+        if layout is None:
+            layout = self.layouts[grid] = Layout.of(grid_thw, self.max_tokens, self.max_frames)
+            if len(self.layouts) > KEPT_LAYOUTS:
+                self.layouts.popitem(last=False)  # the least recently used
+        self.layouts.move_to_end(grid)
+        if layout.bucket is None:
+            return None
+        if self.capture_graphs and not self._holds_the_same(model):
             self.reset()  # first call, or new modules or weights: capture again
-            self.slots = _module_slots(model)
-        # What the positions and cu_seqlens in the static buffers are those of: a batch of the same grids as the
-        # last one (a service of fixed-size images) skips their host-side work; the weights' versions count
-        # in-place updates (load_state_dict) of the position table.
-        layout = (packed.grid_thw.numpy().tobytes(), tuple(p._version for p in model.embeddings.parameters()))
-        num_tokens = packed.num_tokens
+            self.slots, self.slots_registrations = _module_slots(model), _registrations[0]
+        # The weights' versions count in-place updates (load_state_dict) of the position table.
+        versions = tuple(p._version for p in model.embeddings.parameters())
+        num_tokens = layout.num_tokens
         # Graph tensors must not be inference tensors: they are written in place on every later call.
         with torch.inference_mode(False), torch.no_grad():
             buffers = self.buffers.get((patches.device, patches.dtype))
-            if buffers is None or buffers.positions_of != layout:
-                positions = model.embeddings.positions(packed)  # [N, D], eager: host-side metadata of this batch
-                buffers = self._buffers(patches, positions)
-                buffers.positions[:num_tokens].copy_(positions)
-                buffers.positions_of = layout
+            if buffers is None or buffers.positions_of != (grid, versions):
+                positions = self._frame_positions(model, layout, patches.device, versions)  # [(h*w, D)] per frame
+                buffers = self._buffers(patches, positions[0])
+                torch.cat(positions, out=buffers.positions[:num_tokens])
+                buffers.positions_of = (grid, versions)
             buffers.patches[:num_tokens].copy_(patches)
-            captured = self._captured(model, bucket, backend, buffers, packed.frames.lengths, layout)
+            captured = self._captured(model, layout, backend, buffers)
             self.replays += 1
             last_hidden_state = buffers.last_hidden_state[:num_tokens].clone()
             pooler_output = captured.pooler_output
             if pooler_output is not None:
-                pooler_output = pooler_output[: packed.num_frames].clone()
+                pooler_output = pooler_output[: len(layout.frame_shapes)].clone()
         return last_hidden_state, pooler_output
+
+    def _holds_the_same(self, model) -> bool:
+        """Whether the modules, parameters and parameter memory the graphs hold are still the model's."""
+        if self.slots is None:
+            return False
+        if _registrations[0] != self.slots_registrations:  # something was registered somewhere: look again
+            if not _registries_unchanged(self.slots):
+                return False
+            self.slots_registrations = _registrations[0]
+        return _addresses_unchanged(self.slots)
+
+    def _frame_positions(self, model, layout: Layout, device: torch.device, versions: tuple) -> list:
+        """[h*w, D] position rows of each frame: those of shapes seen before from `shape_positions`, the others
+        computed in one eager call (the model's own `embeddings.positions`: a frame's rows depend on its shape alone)."""
+        cache = self.shape_positions
+        if self.shape_positions_of != (device, versions):
+            cache.clear()
+            self.shape_positions_of = (device, versions)
+        new_shapes = [shape for shape in dict.fromkeys(layout.frame_shapes) if shape not in cache]
+        if new_shapes:
+            grid_thw = torch.tensor([[1, h, w] for h, w in new_shapes], dtype=torch.int64)
+            rows = model.embeddings.positions(PackedGrid.from_grid_thw(grid_thw, device))  # [sum of h*w, D]
+            for shape, shape_rows in zip(new_shapes, rows.split([h * w for h, w in new_shapes])):
+                cache[shape] = shape_rows.clone()  # not a view: each entry's memory is its own to drop
+        for shape in dict.fromkeys(layout.frame_shapes):
+            cache.move_to_end(shape)
+        positions = [cache[shape] for shape in layout.frame_shapes]
+        cached_rows = sum(len(rows) for rows in cache.values())
+        while cached_rows > self.max_tokens:  # the least recently used shapes go (never this batch's: see above)
+            cached_rows -= len(cache.popitem(last=False)[1])
+        return positions
 
     def _buffers(self, patches: torch.Tensor, positions: torch.Tensor) -> StaticBuffers:
         key = (patches.device, patches.dtype)
@@ -203,27 +318,25 @@ class CudaGraphRunner:
             )
         return buffers
 
-    def _captured(self, model, bucket: Bucket, backend: str, buffers: StaticBuffers, frame_lengths, layout):
+    def _captured(self, model, layout: Layout, backend: str, buffers: StaticBuffers):
         """The bucket's forward, run: replayed (after writing this batch's `cu_seqlens`), or captured first."""
+        bucket = layout.bucket
         if not self.capture_graphs:  # the same padded forward, eagerly, with this batch's segments
-            packed = bucket.packed(bucket.segment_lengths(frame_lengths), buffers.patches.device)
+            packed = bucket.packed(bucket.segment_lengths(layout.frame_lengths), buffers.patches.device)
             return CapturedForward(None, packed, self._padded_forward(model, bucket, backend, buffers, packed))
         key = (bucket, backend, buffers.patches.dtype, buffers.positions.dtype, buffers.patches.device)
         captured = self.graphs.get(key)
         if captured is None:
-            captured = self._capture(model, bucket, backend, buffers, bucket.segment_lengths(frame_lengths))
+            captured = self._capture(model, bucket, backend, buffers, bucket.segment_lengths(layout.frame_lengths))
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)  # the least recently used
             self.graphs[key] = captured
         else:
             self.graphs.move_to_end(key)
-            if captured.cu_seqlens_of != layout[0]:
-                segment_lengths = bucket.segment_lengths(frame_lengths)
-                cu_seqlens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
-                torch.cumsum(segment_lengths, 0, out=cu_seqlens[1:])
-                captured.packed.frames.cu_seqlens.copy_(cu_seqlens, non_blocking=True)  # pageable: copied now
+            if captured.cu_seqlens_of != layout.grid:  # pageable: copied from the host now
+                captured.packed.frames.cu_seqlens.copy_(layout.cu_seqlens, non_blocking=True)
             captured.graph.replay()
-        captured.cu_seqlens_of = layout[0]
+        captured.cu_seqlens_of = layout.grid
         return captured
 
     def _padded_forward(self, model, bucket: Bucket, backend: str, buffers: StaticBuffers, packed: PackedGrid):

@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from .attention import check_attn_implementation, resolve_attn_implementation
 from .checkpoint_loading import load_pretrained
 from .cuda_graphs import CudaGraphRunner
-from .packing import PackedGrid, pack_inputs
+from .packing import PackedGrid, check_packed_batch, pack_inputs
 from .reference_calls import PaddedBatch
 
 # CPU inference of many frames runs in passes of at most this many tokens: one pass over thousands of tokens
@@ -87,21 +87,21 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
         reference_call = self.reference_call(patches, grid_thw, mask, spatial_shapes)
         if reference_call is not None:
             patches, grid_thw = reference_call.patches, reference_call.grid_thw
-        packed = pack_inputs(patches, grid_thw, config.num_channels * config.patch_size**2)
+        grid_thw = check_packed_batch(patches, grid_thw, config.num_channels * config.patch_size**2)
         backend = self.attention_backend(patches.device, self.get_input_embeddings().weight.dtype)
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
 
-        graphs = self.cuda_graphs
-        bucket = graphs.bucket_for(patches, packed, backend, output_hidden_states) if graphs is not None else None
-        if bucket is not None:  # a captured CUDA graph replays the whole forward after the embeddings' positions
-            last_hidden_state, pooler_output = graphs.run(self, patches, packed, backend, bucket)
-            all_hidden_states = None
-        elif self.runs_in_passes(patches, packed):
+        graphs = self.cuda_graphs  # small inference batches on CUDA: a captured graph replays the whole forward
+        replayed = graphs.forward(self, patches, grid_thw, backend, output_hidden_states) if graphs else None
+        if replayed is not None:
+            (last_hidden_state, pooler_output), all_hidden_states = replayed, None
+        elif self.runs_in_passes(patches, grid_thw):
             last_hidden_state, pooler_output, all_hidden_states = self.forward_in_passes(
-                patches, packed.grid_thw, backend, output_hidden_states
+                patches, grid_thw, backend, output_hidden_states
             )
         else:
+            packed = PackedGrid.from_grid_thw(grid_thw, patches.device)
             embeddings = self.embeddings(patches, packed)  # [N, D]
             last_hidden_state, pooler_output, all_hidden_states = self.encode(
                 embeddings, packed, backend, output_hidden_states
@@ -115,13 +115,13 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     @staticmethod
-    def runs_in_passes(patches: torch.Tensor, packed: PackedGrid) -> bool:
+    def runs_in_passes(patches: torch.Tensor, grid_thw: torch.Tensor) -> bool:
         """CPU inference of more than CPU_TOKENS_PER_PASS tokens, several frames, one process. Never with autograd
         or in a process group: ranks would make different numbers of passes, and FSDP gathers each layer's weights
         on every pass, so their collectives would stop matching."""
         return (
-            patches.device.type == "cpu" and not torch.is_grad_enabled() and len(packed.grid_thw) > 1
-            and packed.num_tokens > CPU_TOKENS_PER_PASS
+            patches.device.type == "cpu" and not torch.is_grad_enabled() and len(grid_thw) > 1
+            and patches.shape[0] > CPU_TOKENS_PER_PASS
             and not (torch.distributed.is_available() and torch.distributed.is_initialized())
         )  # fmt: skip
 
@@ -163,7 +163,8 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
         frames: one graph per size bucket, captured on the bucket's first batch; same calls, same outputs.
 
         Memory: one pool of activations shared by all graphs (about the activations of one `max_tokens` forward) plus
-        static input and output buffers of `max_tokens` rows; benchmarks/RESULTS.md gives so400m's. Graphs are
+        static input and output buffers of `max_tokens` rows and the position rows of recent frame shapes (at most
+        `max_tokens` rows); benchmarks/RESULTS.md gives so400m's. Graphs are
         dropped when the model is moved or cast, or its modules or parameters are replaced. Forward hooks run at
         capture only. Returns the model.
         """

@@ -77,6 +77,7 @@ class PackedGrid:
     frame_queries: Segments  # one query per frame: the attention-pooling heads
 
     @classmethod
+    @torch.compiler.disable  # host-side, from grid_thw's values: eager under torch.compile (see pack_inputs)
     def from_grid_thw(cls, grid_thw: torch.Tensor, device: torch.device) -> "PackedGrid":
         t, h, w = grid_thw.unbind(1)
         frame_heights, frame_widths = h.repeat_interleave(t), w.repeat_interleave(t)  # [F]
@@ -126,6 +127,12 @@ class PackedGrid:
 @torch.compiler.disable
 def pack_inputs(hidden_states: torch.Tensor, grid_thw, patch_dim: int) -> PackedGrid:
     """Checks a packed batch (DESIGN §9) and returns its metadata. At most one device->host copy (`grid_thw`)."""
+    return PackedGrid.from_grid_thw(check_packed_batch(hidden_states, grid_thw, patch_dim), hidden_states.device)
+
+
+@torch.compiler.disable
+def check_packed_batch(hidden_states: torch.Tensor, grid_thw, patch_dim: int) -> torch.Tensor:
+    """Checks a packed batch (DESIGN §9) -> grid_thw [B, 3] int64 on the host (the one device->host copy)."""
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"hidden_states must be a torch.Tensor of patches, got {type(hidden_states).__name__}")
     if hidden_states.dim() != 2 or hidden_states.shape[1] != patch_dim:
@@ -157,4 +164,4 @@ def pack_inputs(hidden_states: torch.Tensor, grid_thw, patch_dim: int) -> Packed
     # Checking finiteness of a GPU tensor would cost a host sync every forward; the CPU check is free.
     if hidden_states.device.type == "cpu" and not torch.isfinite(hidden_states).all():
         raise ValueError("hidden_states contains NaN or Inf")
-    return PackedGrid.from_grid_thw(grid_thw, hidden_states.device)
+    return grid_thw

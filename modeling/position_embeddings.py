@@ -76,26 +76,36 @@ def resized_position_embedding(
     """The table resized to every frame's (h, w) (antialiased `mode`, align_corners=False), without a per-image call.
 
     Each distinct (h, w) of the batch gets its cached map, the maps of all distinct shapes are applied in one
-    matmul, and every token gathers its row.
+    matmul, and every token gathers its row (no gather where no shape repeats: the rows are already in order).
     """
-    maps, rows = _position_maps_and_rows(math.isqrt(table.shape[0]), packed, mode, table.device)
+    # Compiled code always gathers: one graph whichever shapes repeat.
+    gather = torch.compiler.is_compiling()
+    maps, rows = _position_maps_and_rows(math.isqrt(table.shape[0]), packed, mode, table.device, gather)
     # fp32 like the reference (autocast off: transformers resizes in fp32 outside autocast's reach too).
     with torch.autocast(table.device.type, enabled=False):
         resized = maps @ table.float()  # [sum of distinct h*w, D]
-    return resized[rows].to(table.dtype)
+    return (resized if rows is None else resized[rows]).to(table.dtype)
 
 
 @torch.compiler.disable  # host-side, from grid_thw's values: eager under torch.compile (see pack_inputs)
-def _position_maps_and_rows(side: int, packed: PackedGrid, mode: str, device: torch.device):
-    """(maps [sum of distinct h*w, side*side] of the batch's distinct shapes, rows [N]: each token's row in them)."""
-    if packed.num_tokens == 0:
-        no_maps = torch.zeros(0, side * side, dtype=torch.float32, device=device)  # fp32 like _resize_map's
-        return no_maps, torch.zeros(0, dtype=torch.int64, device=device)
-    frame_shapes = torch.stack([packed.frame_heights, packed.frame_widths], 1)  # [F, 2]
-    shapes, shape_of_frame = torch.unique(frame_shapes, dim=0, return_inverse=True)  # [U, 2], [F]
-    maps = torch.cat([_resize_map(side, h, w, mode, device) for h, w in shapes.tolist()])
-    sizes = shapes.prod(1)
-    first_row_of_frame = (torch.cumsum(sizes, 0) - sizes)[shape_of_frame]  # [F]: where its shape's map starts
+def _position_maps_and_rows(side: int, packed: PackedGrid, mode: str, device: torch.device, gather: bool):
+    """(maps [sum of distinct h*w, side*side] of the batch's distinct shapes in order of appearance, rows [N]: each
+    token's row in them, or None where every frame has a shape of its own and not `gather`: then the maps' rows are
+    the tokens')."""
+    frame_shapes = list(zip(packed.frame_heights.tolist(), packed.frame_widths.tolist()))
+    shapes = list(dict.fromkeys(frame_shapes))  # distinct, in order of appearance
+    if not shapes:  # fp32 like _resize_map's
+        no_maps = torch.zeros(0, side * side, dtype=torch.float32, device=device)
+        return no_maps, (torch.zeros(0, dtype=torch.int64, device=device) if gather else None)
+    maps = [_resize_map(side, h, w, mode, device) for h, w in shapes]
+    maps = maps[0] if len(maps) == 1 else torch.cat(maps)
+    if len(shapes) == len(frame_shapes) and not gather:
+        return maps, None
+    first_row, first_row_of_shape = 0, {}
+    for h, w in shapes:
+        first_row_of_shape[h, w] = first_row
+        first_row += h * w
+    first_row_of_frame = torch.tensor([first_row_of_shape[shape] for shape in frame_shapes])  # [F], host
     rows = packed.per_token(first_row_of_frame) + packed.frames.index_in_segment  # [N]
     return maps, rows
 

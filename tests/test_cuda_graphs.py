@@ -13,6 +13,7 @@ import torch
 from reference import FP32_REL_TOL, aimv2_pair, assert_matches_reference, random_packed, siglip2_pair
 from reference import aimv2_reference, siglip2_reference
 
+from packed_vit.modeling import cuda_graphs
 from packed_vit.modeling.conversion_siglip2 import convert_siglip2_state_dict
 from packed_vit.modeling.cuda_graphs import Bucket, CudaGraphRunner, _module_slots, _slots_unchanged
 
@@ -127,6 +128,24 @@ def test_replaced_modules_and_weights_are_seen_copied_weights_are_not():
     assert not _slots_unchanged(slots)
 
 
+def test_the_runner_between_calls_sees_replaced_modules_and_swapped_memory():
+    """The runner looks at the registries again only after a registration somewhere (torch's global hooks count
+    them), and at the parameters' memory on every call."""
+    _, ours = siglip2_pair()
+    runner = CudaGraphRunner(capture_graphs=False)
+    runner.slots, runner.slots_registrations = _module_slots(ours), cuda_graphs._registrations[0]
+    assert runner._holds_the_same(ours)
+    torch.nn.Linear(2, 2)  # registrations elsewhere: the registries are looked at again and are unchanged
+    assert runner.slots_registrations != cuda_graphs._registrations[0] and runner._holds_the_same(ours)
+    assert runner.slots_registrations == cuda_graphs._registrations[0]
+    fc2 = ours.encoder.layers[0].mlp.fc2
+    fc2.weight.data = fc2.weight.data.clone()  # memory swapped: no registration
+    assert not runner._holds_the_same(ours)
+    runner.slots, runner.slots_registrations = _module_slots(ours), cuda_graphs._registrations[0]
+    ours.encoder.layers[1].mlp.fc2 = torch.nn.Linear(96, 64)  # a module replaced (as PEFT does)
+    assert not runner._holds_the_same(ours)
+
+
 @pytest.mark.parametrize("tower", TOWERS)
 def test_moving_the_model_drops_its_graphs(tower):
     make_pair, _ = TOWERS[tower]
@@ -150,6 +169,49 @@ def test_positions_kept_for_the_same_grids_follow_in_place_weight_updates():
         ref_last, ref_pooled = siglip2_reference(ref, hidden_states, grid_thw)
     assert ours.cuda_graphs.replays == 2
     assert_matches_reference(out, ref_last, ref_pooled, grid_thw, has_head=True, tol=FP32_REL_TOL)
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+def test_new_batches_of_frame_shapes_seen_before_take_their_kept_position_rows(tower):
+    """A batch of other grids builds its positions from the rows kept per frame shape: in any order, next to new
+    shapes, and after an in-place update of the weights, every batch still matches the reference."""
+    make_pair, run_reference = TOWERS[tower]
+    ref, ours = make_pair()
+    ours.cuda_graphs = CudaGraphRunner(capture_graphs=False)
+    batches = [
+        BATCHES["mixed"],
+        [(1, 16, 16), (2, 5, 7), (1, 1, 1)],  # shapes seen before, in another order
+        [(1, 5, 7), (1, 3, 3), (1, 1, 23)],  # one new shape between known ones
+    ]
+    with torch.no_grad():
+        for step, batch in enumerate(batches + batches[1:2]):
+            if step == len(batches):  # the weights change in place: kept rows are stale
+                for parameter in ref.parameters():
+                    parameter.mul_(1.5)
+                ours.load_state_dict(ours_state_dict(tower, ref))
+            hidden_states, grid_thw = random_packed(batch, 48)
+            out = ours(hidden_states, grid_thw)
+            ref_last, ref_pooled = run_reference(ref, hidden_states, grid_thw)
+            assert_matches_reference(out, ref_last, ref_pooled, grid_thw, has_head=True, tol=FP32_REL_TOL)
+    assert ours.cuda_graphs.replays == len(batches) + 1
+    assert set(ours.cuda_graphs.shape_positions) == {(16, 16), (5, 7), (1, 1)}  # dropped at the update, then kept
+
+
+def ours_state_dict(tower: str, ref) -> dict:
+    if tower == "siglip2":
+        return convert_siglip2_state_dict(ref.state_dict())
+    return ref.state_dict()
+
+
+def test_kept_position_rows_stay_within_max_tokens_rows():
+    _, ours = siglip2_pair()
+    ours.cuda_graphs = CudaGraphRunner(max_tokens=100, capture_graphs=False)
+    with torch.no_grad():
+        for side in range(2, 10):  # 4 + 9 + ... + 81 rows of 8 shapes: more than 100
+            ours(*random_packed([(1, side, side)], 48))
+    kept = ours.cuda_graphs.shape_positions
+    assert sum(len(rows) for rows in kept.values()) <= 100
+    assert list(kept)[-1] == (9, 9)  # the last batch's shape is kept
 
 
 def test_the_graphs_fused_norm_threshold_holds_in_the_capturing_thread_only():
