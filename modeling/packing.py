@@ -14,6 +14,7 @@ and model base). Each tower file imports every one it uses directly (flat Hub re
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -43,11 +44,11 @@ class Segments:
     equal_length_groups: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        cu_seqlens = torch.zeros(len(self.lengths) + 1, dtype=torch.int32)
-        torch.cumsum(self.lengths, 0, out=cu_seqlens[1:])
-        self.cu_seqlens = host_to_device(self.device, cu_seqlens)
+        # In Python ints: each small torch op on the host costs more than these loops over a batch's frames.
+        cu_seqlens = [0, *itertools.accumulate(self.lengths.tolist())]
+        self.cu_seqlens = host_to_device(self.device, torch.tensor(cu_seqlens, dtype=torch.int32))
         self.max_seqlen = max(int(self.lengths.max()) if len(self.lengths) else 0, self.max_seqlen_bound)
-        self.num_tokens = int(self.lengths.sum())
+        self.num_tokens = cu_seqlens[-1]
 
     @property
     def num_segments(self) -> int:
@@ -80,7 +81,9 @@ class PackedGrid:
     @torch.compiler.disable  # host-side, from grid_thw's values: eager under torch.compile (see pack_inputs)
     def from_grid_thw(cls, grid_thw: torch.Tensor, device: torch.device) -> "PackedGrid":
         t, h, w = grid_thw.unbind(1)
-        frame_heights, frame_widths = h.repeat_interleave(t), w.repeat_interleave(t)  # [F]
+        frame_heights, frame_widths = h, w  # [F]: one frame per image, unless videos repeat them
+        if len(t) and int(t.max()) > 1:
+            frame_heights, frame_widths = h.repeat_interleave(t), w.repeat_interleave(t)
         frame_lengths = frame_heights * frame_widths
         return cls(
             grid_thw=grid_thw,
