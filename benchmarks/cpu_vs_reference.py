@@ -1,8 +1,8 @@
 """CPU (issue 16): packed forward vs transformers run image by image (sdpa), both towers, small random-weight towers,
-one thread, interleaved calls, the fastest of REPEATS;
-also ours with other pass limits (CPU_TOKENS_PER_PASS; "one" = one pass).
+one thread (THREADS=N in the environment: N), interleaved calls, the fastest of REPEATS;
+also ours with other pass limits (tokens per pass, whatever the threads; "one" = one pass).
 Usage: python benchmarks/cpu_vs_reference.py [REPEATS] [CASES] [LIMITS, default "one"]"""
-import statistics, sys, time
+import os, statistics, sys, time
 import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
 from reference import random_packed, frames
@@ -10,7 +10,7 @@ from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfi
 from packed_vit import Aimv2PackingVisionConfig, Aimv2PackingVisionModel, Siglip2PackingVisionConfig, Siglip2PackingVisionModel
 from packed_vit.modeling.conversion_siglip2 import convert_siglip2_state_dict
 from packed_vit.modeling import packed_model
-torch.manual_seed(0); torch.set_num_threads(1)
+torch.manual_seed(0); torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 FIELDS = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6)
 MIXED = [(1, 32, 24), (1, 20, 30), (1, 16, 16), (1, 40, 12), (1, 8, 50), (1, 28, 28)]
 SAME = [(1, 16, 16)] * 4
@@ -41,11 +41,11 @@ for name in ("siglip2", "aimv2"):
     ours, run_ref, pdim = towers(name)
     for label, grids in [c for c in ALL_CASES if c[0] in CASES]:
         hs, grid = random_packed(grids, pdim)
-        default = packed_model.CPU_TOKENS_PER_PASS
+        default = packed_model.cpu_tokens_per_pass
         def with_limit(limit):  # ours with another pass limit
-            packed_model.CPU_TOKENS_PER_PASS = 1 << 40 if limit == "one" else int(limit)
+            packed_model.cpu_tokens_per_pass = lambda: 1 << 40 if limit == "one" else int(limit)
             try: ours(hs, grid)
-            finally: packed_model.CPU_TOKENS_PER_PASS = default
+            finally: packed_model.cpu_tokens_per_pass = default
         calls = {"packed": lambda: ours(hs, grid), "transformers": lambda: run_ref(hs, grid),
                  **{limit: (lambda limit=limit: with_limit(limit)) for limit in LIMITS}}
         times = {key: [] for key in calls}

@@ -14,10 +14,16 @@ from .cuda_graphs import CudaGraphRunner
 from .packing import PackedGrid, check_packed_batch, pack_inputs
 from .reference_calls import PaddedBatch
 
-# CPU inference of many frames runs in passes of at most this many tokens: one pass over thousands of tokens
-# streams every activation through memory between ops, and measured 5-15% slower than the reference's per-image loop
-# (benchmarks/RESULTS.md, small batches); passes of about one large image's tokens keep them in cache.
-CPU_TOKENS_PER_PASS = 512
+# CPU inference of many frames runs in passes of at most this many tokens per thread torch computes with: on one
+# thread, one pass over thousands of tokens streams every activation through memory between ops and measured 5-15%
+# slower than the reference's per-image loop, while passes of about one large image's tokens keep them in cache; on 8
+# threads, passes that small measured slower than one pass of 3.3k tokens (the GEMMs split their rows between the
+# threads, and the caches grow with them). benchmarks/RESULTS.md, small batches.
+CPU_TOKENS_PER_PASS_PER_THREAD = 512
+
+
+def cpu_tokens_per_pass() -> int:
+    return CPU_TOKENS_PER_PASS_PER_THREAD * torch.get_num_threads()
 
 
 class PackedEncoder(nn.Module):
@@ -116,24 +122,24 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
 
     @staticmethod
     def runs_in_passes(patches: torch.Tensor, grid_thw: torch.Tensor) -> bool:
-        """CPU inference of more than CPU_TOKENS_PER_PASS tokens, several frames, one process. Never with autograd
+        """CPU inference of more than `cpu_tokens_per_pass()` tokens, several frames, one process. Never with autograd
         or in a process group: ranks would make different numbers of passes, and FSDP gathers each layer's weights
         on every pass, so their collectives would stop matching."""
         return (
             patches.device.type == "cpu" and not torch.is_grad_enabled() and len(grid_thw) > 1
-            and patches.shape[0] > CPU_TOKENS_PER_PASS
+            and patches.shape[0] > cpu_tokens_per_pass()
             and not (torch.distributed.is_available() and torch.distributed.is_initialized())
         )  # fmt: skip
 
     def forward_in_passes(self, patches, grid_thw, backend: str, output_hidden_states: bool):
-        """The CPU forward of many frames: consecutive frames, whole, in passes of at most CPU_TOKENS_PER_PASS tokens
-        (a larger frame alone); frames never see each other, so this is the one-pass forward in pieces."""
+        """The CPU forward of many frames: consecutive frames, whole, in passes of at most `cpu_tokens_per_pass()`
+        tokens (a larger frame alone); frames never see each other, so this is the one-pass forward in pieces."""
         patch_dim = self.config.num_channels * self.config.patch_size**2
-        passes, start, row = [], 0, 0
+        passes, start, row, limit = [], 0, 0, cpu_tokens_per_pass()
         lengths = grid_thw.prod(-1).tolist()
         while row < len(lengths):
             end, tokens = row + 1, lengths[row]
-            while end < len(lengths) and tokens + lengths[end] <= CPU_TOKENS_PER_PASS:
+            while end < len(lengths) and tokens + lengths[end] <= limit:
                 tokens += lengths[end]
                 end += 1
             piece = pack_inputs(patches[start : start + tokens], grid_thw[row:end], patch_dim)

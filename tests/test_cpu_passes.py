@@ -1,4 +1,4 @@
-"""CPU inference of many frames runs in passes of at most CPU_TOKENS_PER_PASS tokens (packed_model.py): the
+"""CPU inference of many frames runs in passes of at most `cpu_tokens_per_pass()` tokens (packed_model.py): the
 same outputs as one pass over all of them. (Parity with the reference through passes: test_*_parity.py, whose
 batches are larger than one pass.)"""
 
@@ -12,8 +12,9 @@ from packed_vit.modeling import packed_model
 GRIDS = [(1, 24, 20), (1, 3, 4), (2, 4, 6), (1, 30, 1), (1, 5, 5), (1, 20, 30)]
 
 
-def model_counting_passes(pair, monkeypatch):
-    """(model, its packed inputs for GRIDS, the token count of each pass it makes), passes of at most 512 tokens."""
+def model_counting_passes(pair, monkeypatch, limit: int | None = 512):
+    """(model, its packed inputs for GRIDS, the token count of each pass it makes), passes of at most `limit` tokens
+    (None: the real limit)."""
     _, ours = pair()
     config = ours.config
     hidden_states, grid_thw = random_packed(GRIDS, config.num_channels * config.patch_size**2)
@@ -24,7 +25,8 @@ def model_counting_passes(pair, monkeypatch):
         return encode(embeddings, *args)
 
     monkeypatch.setattr(ours, "encode", counted_encode)
-    monkeypatch.setattr(packed_model, "CPU_TOKENS_PER_PASS", 512)
+    if limit is not None:
+        monkeypatch.setattr(packed_model, "cpu_tokens_per_pass", lambda: limit)
     return ours, hidden_states, grid_thw, passes
 
 
@@ -35,7 +37,7 @@ def test_passes_equal_one_pass(pair, monkeypatch):
     with torch.no_grad():
         split = ours(hidden_states, grid_thw, output_hidden_states=True)
         assert passes == [492, 103, 600]
-        monkeypatch.setattr(packed_model, "CPU_TOKENS_PER_PASS", 1 << 40)
+        monkeypatch.setattr(packed_model, "cpu_tokens_per_pass", lambda: 1 << 40)
         whole = ours(hidden_states, grid_thw, output_hidden_states=True)
         assert passes[3:] == [len(hidden_states)]
     torch.testing.assert_close(split.last_hidden_state, whole.last_hidden_state, rtol=1e-5, atol=1e-5)
@@ -60,3 +62,16 @@ def test_one_pass_with_autograd_or_in_a_process_group(tmp_path, monkeypatch):
     finally:
         torch.distributed.destroy_process_group()
     assert passes == [len(hidden_states)] * 2
+
+
+@pytest.mark.parametrize("threads,expected_passes", [(1, [492, 103, 600]), (2, [595, 600]), (3, [1195])])
+def test_passes_grow_with_the_threads_torch_computes_with(threads, expected_passes, monkeypatch):
+    ours, hidden_states, grid_thw, passes = model_counting_passes(siglip2_pair, monkeypatch, limit=None)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            ours(hidden_states, grid_thw)
+    finally:
+        torch.set_num_threads(saved)
+    assert passes == expected_passes
