@@ -390,6 +390,13 @@ class Pair:
         return sum(t.numel() * t.element_size() for t in model.parameters())
 
 
+def so400m_on_cuda():
+    """Our Siglip2 so400m/16 tower, random weights, bf16, eval, built on the GPU (the probes' model)."""
+    config = packed_vit.Siglip2PackingVisionConfig(**TOWERS["siglip2_so400m"].fields)
+    with torch.device("cuda"):
+        return packed_vit.Siglip2PackingVisionModel(config).bfloat16().eval()
+
+
 def build_pair(tower: Tower, settings: Settings) -> Pair:
     """The reference (random init, sdpa) and ours with the reference's weights, both bf16, eval, on the device."""
     fields = tower.smoke_fields if settings.smoke else tower.fields

@@ -9,10 +9,7 @@ import torch
 sys.path.insert(0, "benchmarks")
 import bench  # noqa: E402
 
-pv = bench.packed_vit
-fields = bench.TOWERS["siglip2_so400m"].fields
-with torch.device("cuda"):
-    model = pv.Siglip2PackingVisionModel(pv.Siglip2PackingVisionConfig(**fields)).bfloat16().eval()
+model = bench.so400m_on_cuda()
 g = torch.Generator().manual_seed(0)
 for images, side in ((1, 16), (4, 16), (16, 16), (1, 32), (4, 32), (16, 32)):
     grid = torch.tensor([[1, side, side]] * images)

@@ -16,12 +16,8 @@ import torch
 sys.path.insert(0, "benchmarks")
 import bench  # noqa: E402
 
-pv = bench.packed_vit
 DEVICE = torch.device("cuda")
-fields = bench.TOWERS["siglip2_so400m"].fields
-with DEVICE:
-    model = pv.Siglip2PackingVisionModel(pv.Siglip2PackingVisionConfig(**fields)).bfloat16().eval()
-model.enable_cuda_graphs()
+model = bench.so400m_on_cuda().enable_cuda_graphs()
 print("images x patches | same grids ms | other grids ms | unseen shapes ms | kernel ms | ratios to kernel")
 for images, side in ((1, 16), (4, 16), (16, 16), (1, 32), (4, 32)):
     grids = [torch.tensor([[1, side, side]] * images), torch.tensor([[1, side // 2, side * 2]] * images)]

@@ -24,9 +24,8 @@ pv = bench.packed_vit
 from packed_vit.modeling.fused_norm import fused_add_norm, fused_add_norm_from  # noqa: E402
 
 DEVICE = torch.device("cuda")
+model = bench.so400m_on_cuda()
 fields = bench.TOWERS["siglip2_so400m"].fields
-with DEVICE:
-    model = pv.Siglip2PackingVisionModel(pv.Siglip2PackingVisionConfig(**fields)).bfloat16().eval()
 D, I, H = fields["hidden_size"], fields["intermediate_size"], fields["num_attention_heads"]
 
 
@@ -175,6 +174,5 @@ if "--host" in sys.argv:
             for _ in range(3):
                 model(x, grid)
             torch.cuda.synchronize()
-            packed = pv.modeling.packing.pack_inputs(x, grid, 768)
             print(f"   {images} x 256: pack_inputs {host_us(lambda: pv.modeling.packing.pack_inputs(x, grid, 768)):7.1f} us, "
                   f"whole graph call (host) {host_us(lambda: model(x, grid), 50):7.1f} us")  # fmt: skip
