@@ -126,8 +126,8 @@ def _module_slots(model: torch.nn.Module) -> tuple:
     return registries, names, registered, parameters, list(map(torch.Tensor.data_ptr, parameters))
 
 
-# The checks run as C-level `map`s: a Python loop over the slots took ~130 us per call, about a third of a replayed
-# forward's host time (benchmarks/RESULTS.md).
+# The checks run as C-level `map`s: a Python loop over so400m's slots took 80-130 us per call, about a quarter of a
+# replayed forward's host time (benchmarks/RESULTS.md).
 def _registries_unchanged(slots: tuple) -> bool:
     registries, names, registered, _, _ = slots
     return all(map(operator.is_, map(dict.get, registries, names), registered))
@@ -287,7 +287,7 @@ class CudaGraphRunner:
 
     def _frame_positions(self, model, layout: Layout, device: torch.device, versions: tuple) -> list:
         """[h*w, D] position rows of each frame: those of shapes seen before from `shape_positions`, the others
-        computed in one eager call (the model's own `embeddings.positions`: a frame's rows depend on its shape alone)."""
+        computed in one eager call of the model's own `embeddings.positions` (a frame's rows depend on its shape)."""
         cache = self.shape_positions
         if self.shape_positions_of != (device, versions):
             cache.clear()

@@ -99,7 +99,7 @@ class PackedVisionPreTrainedModel(PreTrainedModel):
             output_hidden_states = config.output_hidden_states
 
         graphs = self.cuda_graphs  # small inference batches on CUDA: a captured graph replays the whole forward
-        replayed = graphs.forward(self, patches, grid_thw, backend, output_hidden_states) if graphs else None
+        replayed = None if graphs is None else graphs.forward(self, patches, grid_thw, backend, output_hidden_states)
         if replayed is not None:
             (last_hidden_state, pooler_output), all_hidden_states = replayed, None
         elif self.runs_in_passes(patches, grid_thw):
