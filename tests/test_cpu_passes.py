@@ -1,6 +1,6 @@
 """CPU inference of many frames runs in passes of at most `cpu_tokens_per_pass()` tokens (packed_model.py): the
-same outputs as one pass over all of them. (Parity with the reference through passes: test_*_parity.py, whose
-batches are larger than one pass.)"""
+same outputs as one pass over all of them. (Parity with the reference: test_*_parity.py, whose batches run in one
+pass or several depending on the threads torch computes with.)"""
 
 import pytest
 import torch
