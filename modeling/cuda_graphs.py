@@ -165,23 +165,23 @@ class Layout:
 
     grid: bytes  # grid_thw's bytes: the key
     frame_shapes: list  # [(h, w)] per frame
-    frame_lengths: torch.Tensor  # [F] int64, host
     num_tokens: int
     bucket: Bucket | None  # None: too large for the graphs
-    cu_seqlens: torch.Tensor | None  # [bucket.segments + 1] int32, host: the bucket's segments for these frames
+    segment_lengths: torch.Tensor | None  # [bucket.segments] int64, host: the bucket's segments for these frames
+    cu_seqlens: torch.Tensor | None  # [bucket.segments + 1] int32, host: the same, as the kernels read them
 
     @classmethod
     def of(cls, grid_thw: torch.Tensor, max_tokens: int, max_frames: int) -> "Layout":
         frame_shapes = [(h, w) for t, h, w in grid_thw.tolist() for _ in range(t)]
         lengths = [h * w for h, w in frame_shapes]
-        frame_lengths, num_tokens = torch.tensor(lengths, dtype=torch.int64), sum(lengths)
-        bucket, cu_seqlens = None, None
+        num_tokens = sum(lengths)
+        bucket, segment_lengths, cu_seqlens = None, None, None
         if 0 < num_tokens <= max_tokens and len(lengths) <= max_frames:
             bucket = Bucket.fitting(num_tokens, len(lengths), max(lengths))
-            segment_lengths = bucket.segment_lengths(frame_lengths)
+            segment_lengths = bucket.segment_lengths(torch.tensor(lengths, dtype=torch.int64))
             cu_seqlens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
             torch.cumsum(segment_lengths, 0, out=cu_seqlens[1:])
-        return cls(grid_thw.numpy().tobytes(), frame_shapes, frame_lengths, num_tokens, bucket, cu_seqlens)
+        return cls(grid_thw.numpy().tobytes(), frame_shapes, num_tokens, bucket, segment_lengths, cu_seqlens)
 
 
 class CudaGraphRunner:
@@ -292,13 +292,14 @@ class CudaGraphRunner:
         if self.shape_positions_of != (device, versions):
             cache.clear()
             self.shape_positions_of = (device, versions)
-        new_shapes = [shape for shape in dict.fromkeys(layout.frame_shapes) if shape not in cache]
+        distinct_shapes = dict.fromkeys(layout.frame_shapes)
+        new_shapes = [shape for shape in distinct_shapes if shape not in cache]
         if new_shapes:
             grid_thw = torch.tensor([[1, h, w] for h, w in new_shapes], dtype=torch.int64)
             rows = model.embeddings.positions(PackedGrid.from_grid_thw(grid_thw, device))  # [sum of h*w, D]
             for shape, shape_rows in zip(new_shapes, rows.split([h * w for h, w in new_shapes])):
                 cache[shape] = shape_rows.clone()  # not a view: each entry's memory is its own to drop
-        for shape in dict.fromkeys(layout.frame_shapes):
+        for shape in distinct_shapes:
             cache.move_to_end(shape)
         positions = [cache[shape] for shape in layout.frame_shapes]
         cached_rows = sum(len(rows) for rows in cache.values())
@@ -322,12 +323,12 @@ class CudaGraphRunner:
         """The bucket's forward, run: replayed (after writing this batch's `cu_seqlens`), or captured first."""
         bucket = layout.bucket
         if not self.capture_graphs:  # the same padded forward, eagerly, with this batch's segments
-            packed = bucket.packed(bucket.segment_lengths(layout.frame_lengths), buffers.patches.device)
+            packed = bucket.packed(layout.segment_lengths, buffers.patches.device)
             return CapturedForward(None, packed, self._padded_forward(model, bucket, backend, buffers, packed))
         key = (bucket, backend, buffers.patches.dtype, buffers.positions.dtype, buffers.patches.device)
         captured = self.graphs.get(key)
         if captured is None:
-            captured = self._capture(model, bucket, backend, buffers, bucket.segment_lengths(layout.frame_lengths))
+            captured = self._capture(model, bucket, backend, buffers, layout.segment_lengths)
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)  # the least recently used
             self.graphs[key] = captured

@@ -45,9 +45,10 @@ class Segments:
 
     def __post_init__(self):
         # In Python ints: each small torch op on the host costs more than these loops over a batch's frames.
-        cu_seqlens = [0, *itertools.accumulate(self.lengths.tolist())]
+        lengths = self.lengths.tolist()
+        cu_seqlens = [0, *itertools.accumulate(lengths)]
         self.cu_seqlens = host_to_device(self.device, torch.tensor(cu_seqlens, dtype=torch.int32))
-        self.max_seqlen = max(int(self.lengths.max()) if len(self.lengths) else 0, self.max_seqlen_bound)
+        self.max_seqlen = max(max(lengths, default=0), self.max_seqlen_bound)
         self.num_tokens = cu_seqlens[-1]
 
     @property
