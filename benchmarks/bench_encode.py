@@ -1,20 +1,25 @@
-"""The encode job on the GPU machine (issue 13, DESIGN §11): end to end vs GPU-only vs a transformers user's loop.
+"""The encode job on the GPU machine (issues 13, 23; DESIGN §11): ours vs the forwards alone vs a transformers user.
 
-For each `max_num_patches` budget (256, 1024), with Siglip2 so400m/16 random weights in transformers' saved format:
+For each tower configuration (`--configs`: Siglip2 so400m/16 at 256 and 1024 patches, AIMv2-L/14 224 and native;
+random weights in transformers' saved format):
 - corpus: `--images` JPEGs of mixed sizes (sides 200..1600 px) cut and resized from scikit-image's photos;
 - `cli`: `python -m packed_vit encode CORPUS --model CKPT` run as a user runs it, once per `--preprocess` mode:
-  wall clock, start-up (the command's own report: process start to first forward), peak RSS of the command and
-  its workers (`ru_maxrss` of the children, the largest process);
-- `gpu_only`: the packed forwards alone on the same batches (the processor's patches, packed by the same token
+  wall clock, start-up (the command's own report: process start to first forward), images/s from the first forward
+  on, peak RSS of the command and its workers;
+- `forwards_alone`: the packed forwards alone on the same batches (the processor's patches, packed by the same token
   budget, already on the GPU), timed with CUDA events;
-- `transformers`: its `Siglip2ImageProcessor` (default backend) + `Siglip2VisionModel` (sdpa, bf16), 64 images per
-  padded batch, one process, on the first `--reference-images` images;
-- checks: GPU preprocessing vs transformers' torchvision backend on the same decoded pixels (max abs difference of
-  the patches), nvJPEG vs PIL pixels, and bf16 embeddings of both paths vs transformers' fp32 tower per image
-  (cosine).
+- `transformers_user`: what a user who knows PyTorch writes without this project: transformers' image processor
+  (`Siglip2ImageProcessor` / `CLIPImageProcessor`, the default backend) as the `collate_fn` of a DataLoader with
+  14 workers, pinned memory, prefetch_factor=4, 64 images per padded batch, `Siglip2VisionModel` / `Aimv2VisionModel`
+  (sdpa, bf16), `non_blocking` copies both ways; images/s from its first batch on, all images;
+- `profile` (`--profile`): our pipeline in this process (`encoded_results`, GPU path, 14 workers) with its
+  `StageClock`: host seconds per stage and thread, GPU seconds in forwards; at GPU_CHUNK 128 and 256;
+- checks: GPU preprocessing vs transformers' torchvision backend on CUDA on the same decoded pixels (max abs
+  difference of the patches), nvJPEG vs PIL pixels, and bf16 embeddings of both paths vs transformers' fp32 tower
+  per image (cosine).
 Writes benchmarks/results_encode.json (or --out) and prints a table. Needs CUDA, torchvision, scikit-image.
 
-    python benchmarks/bench_encode.py --work /tmp/bench_encode --out $OUT/results_encode.json
+    python benchmarks/bench_encode.py --work /tmp/bench_encode --out $OUT/results_encode.json --profile
 """
 
 from __future__ import annotations
@@ -36,6 +41,16 @@ import torch
 
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=16,
               num_patches=256)  # fmt: skip
+AIMV2_LARGE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=8, patch_size=14,
+                   image_size=224)  # fmt: skip
+# name -> (family, transformers config fields, max_num_patches for Siglip2, has a transformers processor)
+CONFIGS = {
+    "siglip2_256": ("siglip2", SO400M, 256, True),
+    "siglip2_1024": ("siglip2", SO400M, 1024, True),
+    "aimv2_224": ("aimv2", {**AIMV2_LARGE, "use_head": True, "is_native": False}, None, True),
+    "aimv2_native": ("aimv2", {**AIMV2_LARGE, "use_head": False, "is_native": True}, None, False),
+}
+USER_WORKERS = 14  # the job's own default on the 16-core machine
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina")  # shipped with scikit-image
 TRANSFORMERS_BATCH = 64
 # `python -m packed_vit ...` as a user runs it, reporting its peak RSS (the process; its largest worker) at exit.
@@ -71,14 +86,18 @@ def write_corpus(folder: Path, count: int) -> None:
         pool.map(write_photo, [(i, folder) for i in range(count)], chunksize=16)
 
 
-def write_checkpoint(folder: Path, max_num_patches: int) -> None:
-    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+def write_checkpoint(folder: Path, config_name: str) -> None:
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2ImageProcessor, Siglip2VisionConfig, \
+        Siglip2VisionModel  # fmt: skip
 
-    weights = folder.parent / "so400m_weights"
+    family, fields, budget, _ = CONFIGS[config_name]
+    weights = folder.parent / (f"{family}_weights" if family == "siglip2" else f"{config_name}_weights")
     if not (weights / "model.safetensors").is_file():
         torch.manual_seed(0)
+        config_cls, model_cls = (Siglip2VisionConfig, Siglip2VisionModel) if family == "siglip2" else \
+            (Aimv2VisionConfig, Aimv2VisionModel)  # fmt: skip
         with torch.device("cuda"):
-            model = Siglip2VisionModel(Siglip2VisionConfig(**SO400M))
+            model = model_cls(config_cls(**fields))
             for parameter in model.parameters():  # away from init (LayerNorms at 1/0 hide errors)
                 parameter.data.normal_(0, 0.02).add_(1.0 if parameter.ndim == 1 and parameter.shape[0] else 0)
         model.save_pretrained(weights)
@@ -86,9 +105,69 @@ def write_checkpoint(folder: Path, max_num_patches: int) -> None:
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).exists():
             (folder / name).symlink_to(weights / name)
-    from transformers import Siglip2ImageProcessor
+    if family == "siglip2":
+        Siglip2ImageProcessor(patch_size=16, max_num_patches=budget).save_pretrained(folder)
 
-    Siglip2ImageProcessor(patch_size=16, max_num_patches=max_num_patches).save_pretrained(folder)
+
+def transformers_processor(config_name: str, backend: str = "default"):
+    """transformers' own processor for a configuration ("default": its default backend; "pil": the PIL one)."""
+    import transformers
+
+    family, fields, budget, _ = CONFIGS[config_name]
+    name = "Siglip2ImageProcessor" if family == "siglip2" else "CLIPImageProcessor"
+    if backend == "pil":  # transformers 5: the PIL backend has its own class
+        name = name + "Pil" if hasattr(transformers, name + "Pil") else name
+    cls = getattr(transformers, name)
+    if family == "siglip2":
+        return cls(patch_size=16, max_num_patches=budget)
+    size = fields["image_size"]
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def transformers_model(checkpoint: Path, config_name: str, dtype, attn_implementation: str | None = None):
+    from transformers import Aimv2VisionModel, Siglip2VisionModel
+
+    cls = Siglip2VisionModel if CONFIGS[config_name][0] == "siglip2" else Aimv2VisionModel
+    return cls.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attn_implementation).cuda().eval()
+
+
+def transformers_inputs(batch: dict, non_blocking: bool = False) -> dict:
+    """A transformers processor's batch -> the tower's keyword arguments on the GPU (spatial_shapes stay on the
+    host: Siglip2 reads them there)."""
+    return {name: value if name == "spatial_shapes" else value.to("cuda", non_blocking=non_blocking)
+            for name, value in batch.items() if name in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+
+
+class ProcessorCollate:
+    """The user's collate_fn: paths -> PIL images -> transformers' processor -> tensors (picklable, for workers)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, paths):
+        images = [PIL.Image.open(path).convert("RGB") for path in paths]
+        return dict(self.processor(images, return_tensors="pt"))
+
+
+def transformers_user(paths, checkpoint: Path, config_name: str) -> dict:
+    """Issue 23's baseline: transformers' processor in a 14-worker DataLoader feeding its tower, padded batches of 64."""
+    processor = transformers_processor(config_name)
+    model = transformers_model(checkpoint, config_name, torch.bfloat16, "sdpa")
+    loader = torch.utils.data.DataLoader([str(p) for p in paths], batch_size=TRANSFORMERS_BATCH,
+                                         num_workers=USER_WORKERS, collate_fn=ProcessorCollate(processor),
+                                         pin_memory=True, prefetch_factor=4)  # fmt: skip
+    outputs, start = [], None
+    with torch.no_grad():
+        for batch in loader:
+            start = start or time.perf_counter()  # from the first batch on, as ours from its first forward on
+            inputs = transformers_inputs(batch, non_blocking=True)
+            inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+            outputs.append(model(**inputs).pooler_output.float().to("cpu", non_blocking=True))
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del model
+    return {"processor": type(processor).__name__, "workers": USER_WORKERS, "batch": TRANSFORMERS_BATCH,
+            "images": sum(len(o) for o in outputs), "seconds": seconds, "images_per_s": len(paths) / seconds}
 
 
 def run_cli(corpus: Path, checkpoint: Path, out: Path, preprocess: str) -> dict:
@@ -128,7 +207,7 @@ def _process(job):
     return out["pixel_values"].to(torch.bfloat16), out["grid_thw"]
 
 
-def gpu_only(model, batches) -> dict:
+def forwards_alone(model, batches) -> dict:
     device_batches = [(torch.cat([b[0] for b in batch]).cuda(), torch.cat([b[1] for b in batch])) for batch in batches]
     images = sum(len(batch) for batch in batches)
     with torch.no_grad():
@@ -145,99 +224,141 @@ def gpu_only(model, batches) -> dict:
     return {"images": images, "forwards": len(batches), "seconds": seconds, "images_per_s": images / seconds}
 
 
-def transformers_loop(paths, checkpoint: Path, max_num_patches: int) -> dict:
-    from transformers import Siglip2ImageProcessor, Siglip2VisionModel
+def profile_pipeline(model, processor, paths, chunk: int) -> dict:
+    """Our pipeline in this process, GPU path, with its StageClock: where each thread's time went."""
+    from packed_vit.encode import pipeline
+    from packed_vit.encode.job import DEFAULT_MAX_TOKENS
 
-    processor = Siglip2ImageProcessor(patch_size=16, max_num_patches=max_num_patches)
-    model = Siglip2VisionModel.from_pretrained(checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
-    def run(batch_paths):
-        inputs = processor([PIL.Image.open(p).convert("RGB") for p in batch_paths], return_tensors="pt")
-        with torch.no_grad():
-            out = model(inputs["pixel_values"].cuda().to(torch.bfloat16), inputs["pixel_attention_mask"].cuda(),
-                        inputs["spatial_shapes"])  # fmt: skip
-        return out.pooler_output.float().cpu()
-    run(paths[:TRANSFORMERS_BATCH])  # warm-up
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(0, len(paths), TRANSFORMERS_BATCH):
-        run(paths[i : i + TRANSFORMERS_BATCH])
-    seconds = time.perf_counter() - start
-    del model
-    return {"backend": processor.backend if hasattr(processor, "backend") else type(processor).__name__,
-            "images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds}  # fmt: skip
+    pipeline.GPU_CHUNK, default = chunk, pipeline.GPU_CHUNK
+    clock = pipeline.StageClock()
+    images, gpu_seconds, first = 0, 0.0, None
+    try:
+        source = pipeline.PairsSource([(str(p), str(p)) for p in paths])
+        for result in pipeline.encoded_results(model, processor, source, DEFAULT_MAX_TOKENS, workers=USER_WORKERS,
+                                               preprocess="gpu", clock=clock):  # fmt: skip
+            first = first or result.launched_at
+            images += len(result.images)
+            gpu_seconds += result.model_seconds
+        seconds = time.time() - first
+    finally:
+        pipeline.GPU_CHUNK = default
+    return {"gpu_chunk": chunk, "images": images, "seconds_from_first_forward": seconds,
+            "images_per_s": images / seconds, "gpu_seconds_in_forwards": gpu_seconds,
+            "forward_share_of_wall": gpu_seconds / seconds,
+            "host_seconds_by_stage": dict(sorted(clock.seconds.items()))}  # fmt: skip
 
 
-def parity(paths, checkpoint: Path, embeddings_by_mode: dict, max_num_patches: int) -> dict:
-    """Per-image cosine of our bf16 pooled embeddings vs transformers' fp32 tower on its own processor's pixels:
-    the PIL backend for --preprocess cpu, the torchvision backend on CUDA for --preprocess gpu."""
-    from transformers import Siglip2ImageProcessor, Siglip2VisionModel
+def transformers_startup(checkpoint: Path, config_name: str) -> dict:
+    """A fresh process: transformers' own `from_pretrained` of the tower onto the GPU, bf16 (the start-up goal's
+    reference), from the process's start."""
+    cls = "Siglip2VisionModel" if CONFIGS[config_name][0] == "siglip2" else "Aimv2VisionModel"
+    code = (f"import torch, time, transformers\nm = transformers.{cls}.from_pretrained({str(checkpoint)!r}, "
+            "dtype=torch.bfloat16, device_map='cuda')\ntorch.cuda.synchronize()\nprint(time.time())")  # fmt: skip
+    start = time.time()
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if run.returncode:
+        return {"error": run.stderr[-2000:]}
+    return {"seconds_to_model_on_gpu": float(run.stdout.split()[-1]) - start}
 
-    try:  # transformers 5: the PIL backend has its own class
-        from transformers import Siglip2ImageProcessorPil
-    except ImportError:
-        from transformers import Siglip2ImageProcessor as Siglip2ImageProcessorPil
 
-    model = Siglip2VisionModel.from_pretrained(checkpoint, dtype=torch.float32).cuda().eval()
-    processors = {"cpu": Siglip2ImageProcessorPil(patch_size=16, max_num_patches=max_num_patches),
-                  "gpu": Siglip2ImageProcessor(patch_size=16, max_num_patches=max_num_patches)}  # fmt: skip
+def unpatchify(patches: torch.Tensor, grid, patch_size: int) -> torch.Tensor:
+    """[h*w, p*p*3] channel-last patches -> [3, h*p, w*p], the image they were cut from."""
+    _, h, w = (int(n) for n in grid)
+    image = patches.reshape(h, w, patch_size, patch_size, 3).permute(4, 0, 2, 1, 3)
+    return image.reshape(3, h * patch_size, w * patch_size)
+
+
+def nvjpeg(path) -> torch.Tensor:
+    import torchvision.io
+
+    data = torchvision.io.read_file(str(path))
+    return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device="cuda")
+
+
+def reference_inputs(config_name: str, mode: str, path, ours_processor) -> dict:
+    """transformers' tower inputs for one image as the reference of `mode`: "cpu" its PIL backend on PIL's pixels,
+    "gpu" its torchvision backend on CUDA on nvJPEG's pixels. AIMv2 native has no transformers processor: our CPU
+    processor (cpu), our GPU preprocessing (gpu), as an image."""
+    family, fields, _, has_processor = CONFIGS[config_name]
+    if has_processor:
+        processor = transformers_processor(config_name, "pil" if mode == "cpu" else "default")
+        if mode == "cpu":
+            return transformers_inputs(dict(processor(PIL.Image.open(path).convert("RGB"), return_tensors="pt")))
+        return transformers_inputs(dict(processor(nvjpeg(path), return_tensors="pt", device="cuda")))
+    if mode == "cpu":
+        out = ours_processor(PIL.Image.open(path), return_tensors="pt", do_convert_rgb=True)
+        patches, grid = out["pixel_values"], out["grid_thw"][0]
+    else:
+        from packed_vit.encode.gpu_preprocessing import GpuPreprocessing
+
+        patches, grid = GpuPreprocessing(ours_processor, torch.device("cuda")).patches(nvjpeg(path))
+    return {"pixel_values": unpatchify(patches, grid, fields["patch_size"])[None].cuda()}
+
+
+def parity(paths, checkpoint: Path, config_name: str, embeddings_by_mode: dict, ours_processor) -> dict:
+    """Per-image cosine of our bf16 pooled embeddings vs transformers' fp32 tower on its reference's pixels
+    (`reference_inputs`); AIMv2 without a head: the mean of last_hidden_state, as ours."""
+    model = transformers_model(checkpoint, config_name, torch.float32)
     report = {}
     for mode, (names, pooled) in embeddings_by_mode.items():
         row_of = {name: i for i, name in enumerate(names)}
         cosines = []
         for path in paths:
-            image = PIL.Image.open(path).convert("RGB")
-            if mode == "gpu":  # the torchvision backend fed nvJPEG's pixels, on the GPU, as the GPU path is
-                import torchvision.io
-
-                data = torchvision.io.read_file(str(path))
-                image = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device="cuda")
-                inputs = processors[mode](image, return_tensors="pt", device="cuda")
-            else:
-                inputs = processors[mode](image, return_tensors="pt")
             with torch.no_grad():
-                ref = model(inputs["pixel_values"].cuda(), inputs["pixel_attention_mask"].cuda(),
-                            inputs["spatial_shapes"].cpu()).pooler_output[0].double().cpu()  # fmt: skip
+                out = model(**reference_inputs(config_name, mode, path, ours_processor))
+            ref = out.pooler_output[0] if out.pooler_output is not None else out.last_hidden_state[0].mean(0)
             ours = pooled[row_of[str(path)]].double()
-            cosines.append(torch.nn.functional.cosine_similarity(ours, ref, dim=0).item())
+            cosines.append(torch.nn.functional.cosine_similarity(ours, ref.double().cpu(), dim=0).item())
         report[mode] = {"images": len(cosines), "min_cosine": min(cosines), "mean_cosine": float(np.mean(cosines))}
+    del model
     return report
 
 
-def preprocessing_check(paths, max_num_patches: int) -> dict:
-    """GPU path patches vs transformers' torchvision backend on CUDA, same nvJPEG pixels; nvJPEG vs PIL pixels."""
-    import torchvision.io
-    from transformers import Siglip2ImageProcessor
-
+def preprocessing_check(paths, config_name: str, ours_processor) -> dict:
+    """GPU path patches vs transformers' torchvision backend on CUDA on the same nvJPEG pixels (AIMv2 native: vs our
+    CPU processor on those pixels, PIL's resize); nvJPEG vs PIL pixels."""
     from packed_vit.encode.gpu_preprocessing import GpuPreprocessing
-    from packed_vit.processing import Siglip2PackingImageProcessor
 
-    ours = GpuPreprocessing(Siglip2PackingImageProcessor(max_num_patches=max_num_patches), torch.device("cuda"))
-    theirs = Siglip2ImageProcessor(patch_size=16, max_num_patches=max_num_patches)
-    worst_patch, worst_pixel, mean_pixel = 0.0, 0, []
+    family, fields, _, has_processor = CONFIGS[config_name]
+    ours = GpuPreprocessing(ours_processor, torch.device("cuda"))
+    theirs = transformers_processor(config_name) if has_processor else None
+    worst_patch, patch_means, worst_pixel, pixel_means = 0.0, [], 0, []
     for path in paths:
-        data = torchvision.io.read_file(str(path))
-        image = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device="cuda")
-        patches, (_, h, w) = ours.patches(image)
-        expected = theirs(image, return_tensors="pt", device="cuda")
-        assert tuple(expected["spatial_shapes"][0].tolist()) == (h, w)
-        worst_patch = max(worst_patch, (patches - expected["pixel_values"][0, : h * w].cuda()).abs().max().item())
+        image = nvjpeg(path)
+        patches, grid = ours.patches(image)
+        if theirs is not None:
+            expected = theirs(image, return_tensors="pt", device="cuda")["pixel_values"][0]
+            if family == "siglip2":
+                expected = expected[: grid[1] * grid[2]]
+            else:  # [3, H, W] -> our channel-last patches
+                p = fields["patch_size"]
+                expected = expected.reshape(3, grid[1], p, grid[2], p).permute(1, 3, 2, 4, 0).reshape(-1, 3 * p * p)
+        else:
+            expected = ours_processor(image.permute(1, 2, 0).cpu().numpy(), return_tensors="pt")["pixel_values"]
+        difference = (patches - expected.to(patches.device)).abs()
+        worst_patch, patch_means = max(worst_patch, difference.max().item()), patch_means + [difference.mean().item()]
         pil = torch.from_numpy(np.array(PIL.Image.open(path).convert("RGB"))).permute(2, 0, 1).cuda()
         difference = (pil.int() - image.int()).abs()
-        worst_pixel, mean_pixel = max(worst_pixel, difference.max().item()), mean_pixel + [difference.float().mean().item()]
-    return {"images": len(paths), "max_abs_patch_difference_vs_transformers_torchvision_cuda": worst_patch,
-            "nvjpeg_vs_pil_max_pixel_difference": worst_pixel, "nvjpeg_vs_pil_mean_pixel_difference": float(np.mean(mean_pixel))}  # fmt: skip
+        worst_pixel, pixel_means = max(worst_pixel, difference.max().item()), pixel_means + [difference.float().mean().item()]
+    reference = "transformers_torchvision_cuda" if has_processor else "our_cpu_processor_same_pixels"
+    return {"images": len(paths), f"max_abs_patch_difference_vs_{reference}": worst_patch,
+            f"mean_abs_patch_difference_vs_{reference}": float(np.mean(patch_means)),
+            "nvjpeg_vs_pil_max_pixel_difference": worst_pixel,
+            "nvjpeg_vs_pil_mean_pixel_difference": float(np.mean(pixel_means))}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_encode"))
     parser.add_argument("--images", type=int, default=3000)
-    parser.add_argument("--reference-images", type=int, default=640)
     parser.add_argument("--parity-images", type=int, default=48)
-    parser.add_argument("--budgets", default="256,1024")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--modes", default="cpu,gpu")
+    parser.add_argument("--profile", action="store_true", help="our pipeline's stage clock, in this process")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results_encode.json")
     args = parser.parse_args()
+
+    import transformers
 
     from packed_vit.encode import load_embeddings, load_model_and_processor
 
@@ -247,43 +368,57 @@ def main() -> None:
     paths = sorted(corpus.glob("*.jpg"))
     megapixels = [np.prod(PIL.Image.open(p).size) / 1e6 for p in paths[:500]]
     print(f"corpus: {len(paths)} JPEGs, median {np.median(megapixels):.2f} MP, written in {time.perf_counter() - start:.1f} s", flush=True)
-    results = {"environment": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "cpus": os.cpu_count()},
-               "corpus": {"images": len(paths), "median_megapixels": float(np.median(megapixels))}, "budgets": {}}  # fmt: skip
-    for budget in map(int, args.budgets.split(",")):
-        checkpoint = args.work / f"so400m_{budget}"
-        write_checkpoint(checkpoint, budget)
+    import torchvision
+
+    results = {"environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                               "torchvision": torchvision.__version__, "gpu": torch.cuda.get_device_name(),
+                               "cpus": os.cpu_count()},
+               "corpus": {"images": len(paths), "median_megapixels": float(np.median(megapixels))}, "configs": {}}  # fmt: skip
+    for name in args.configs.split(","):
+        checkpoint = args.work / name
+        write_checkpoint(checkpoint, name)
         row = {"cli": {}}
         embeddings = {}
         for mode in args.modes.split(","):
-            out = args.work / f"emb_{budget}_{mode}.safetensors"
+            out = args.work / f"emb_{name}_{mode}.safetensors"
             row["cli"][mode] = run_cli(corpus, checkpoint, out, mode)
             loaded = load_embeddings(out)
             embeddings[mode] = (loaded.names, loaded.tensors()["pooled"])
-            print(f"[{budget}] cli {mode}: {row['cli'][mode]['printed']}", flush=True)
+            print(f"[{name}] cli {mode}: {row['cli'][mode]['printed']}", flush=True)
         model, processor = load_model_and_processor(str(checkpoint), device="cuda", dtype=torch.bfloat16)
-        row["gpu_only"] = gpu_only(model, packed_batches(paths, processor))
+        row["forwards_alone"] = forwards_alone(model, packed_batches(paths, processor))
+        print(f"[{name}] forwards alone: {row['forwards_alone']}", flush=True)
+        if args.profile:
+            row["profile"] = [profile_pipeline(model, processor, paths, chunk) for chunk in (128, 256)]
+            print(f"[{name}] profile: {json.dumps(row['profile'], indent=1)}", flush=True)
         del model
-        print(f"[{budget}] gpu only: {row['gpu_only']}", flush=True)
-        row["transformers"] = transformers_loop(paths[: args.reference_images], checkpoint, budget)
-        print(f"[{budget}] transformers: {row['transformers']}", flush=True)
-        row["preprocessing_check"] = preprocessing_check(paths[: args.parity_images], budget)
-        row["parity_bf16_vs_transformers_fp32"] = parity(paths[: args.parity_images], checkpoint, embeddings, budget)
-        print(f"[{budget}] checks: {row['preprocessing_check']} {row['parity_bf16_vs_transformers_fp32']}", flush=True)
-        for mode, cli in row["cli"].items():
-            cli["end_to_end_over_gpu_only"] = cli["images_per_s"] / row["gpu_only"]["images_per_s"]
-            cli["after_startup_over_gpu_only"] = cli["images_per_s_after_startup"] / row["gpu_only"]["images_per_s"]
-            cli["end_to_end_over_transformers"] = cli["images_per_s"] / row["transformers"]["images_per_s"]
-        results["budgets"][budget] = row
+        if CONFIGS[name][3]:
+            row["transformers_user"] = transformers_user(paths, checkpoint, name)
+            print(f"[{name}] transformers user: {row['transformers_user']}", flush=True)
+        row["transformers_startup"] = transformers_startup(checkpoint, name)
+        row["preprocessing_check"] = preprocessing_check(paths[: args.parity_images], name, processor)
+        row["parity_bf16_vs_transformers_fp32"] = parity(paths[: args.parity_images], checkpoint, name, embeddings,
+                                                         processor)  # fmt: skip
+        print(f"[{name}] checks: {row['transformers_startup']} {row['preprocessing_check']} "
+              f"{row['parity_bf16_vs_transformers_fp32']}", flush=True)  # fmt: skip
+        alone = row["forwards_alone"]["images_per_s"]
+        user = row.get("transformers_user", {}).get("images_per_s")
+        for cli in row["cli"].values():
+            cli["after_startup_over_forwards_alone"] = cli["images_per_s_after_startup"] / alone
+            cli["after_startup_over_transformers_user"] = cli["images_per_s_after_startup"] / user if user else None
+        row["forwards_alone_over_transformers_user"] = alone / user if user else None
+        results["configs"][name] = row
         args.out.write_text(json.dumps(results, indent=1))
-    print(f"\n{'budget':>6} {'mode':>4} {'e2e img/s':>10} {'after start':>11} {'gpu-only':>9} {'e2e/gpu':>8} "
-          f"{'e2e/tf':>7} {'start-up s':>10} {'RSS GiB':>8}")  # fmt: skip
-    for budget, row in results["budgets"].items():
+    print(f"\n{'config':>12} {'mode':>4} {'img/s':>7} {'alone':>6} {'/alone':>6} {'user':>5} {'/user':>5} "
+          f"{'alone/user':>10} {'start s':>7} {'tf load s':>9}")  # fmt: skip
+    for name, row in results["configs"].items():
+        user = row.get("transformers_user", {}).get("images_per_s")
         for mode, cli in row["cli"].items():
-            print(f"{budget:>6} {mode:>4} {cli['images_per_s']:>10.0f} {cli['images_per_s_after_startup']:>11.0f} "
-                  f"{row['gpu_only']['images_per_s']:>9.0f} {cli['end_to_end_over_gpu_only']:>8.2f} "
-                  f"{cli['end_to_end_over_transformers']:>7.1f} {cli['startup_seconds']:>10.2f} "
-                  f"{cli['peak_rss_gib_main_process']:>8.2f}")  # fmt: skip
-        print(f"{budget:>6} transformers loop: {row['transformers']['images_per_s']:.1f} img/s")
+            ratio = cli["after_startup_over_transformers_user"]
+            print(f"{name:>12} {mode:>4} {cli['images_per_s_after_startup']:>7.0f} "
+                  f"{row['forwards_alone']['images_per_s']:>6.0f} {cli['after_startup_over_forwards_alone']:>6.2f} "
+                  f"{user or 0:>5.0f} {ratio or 0:>5.2f} {row['forwards_alone_over_transformers_user'] or 0:>10.2f} "
+                  f"{cli['startup_seconds']:>7.2f} {row['transformers_startup'].get('seconds_to_model_on_gpu', 0):>9.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
-"""The GPU preprocessing path of the encode job (`--preprocess gpu`, Siglip2 checkpoints, CUDA).
+"""The GPU preprocessing path of the encode job (`--preprocess gpu`, CUDA): Siglip2 and AIMv2 checkpoints.
 
-Workers only read the files (and the image header, to tell JPEGs from the rest). In the main process JPEGs are
-decoded on the GPU by torchvision's nvJPEG decoder, a batch per chunk; other formats arrive decoded by PIL. Each
-image is then resized, rescaled and normalized on the GPU with the very calls of transformers' torchvision backend
-of `Siglip2ImageProcessor` (`tvF.resize` with antialias, then `tvF.normalize` with mean and std divided by the
-rescale factor, in float32), and cut into patches as there. So the patches equal that backend's run on the same
-device for the same decoded pixels; nvJPEG's pixels may differ from libjpeg's by a level here and there.
+Workers only read the files (and the image header, to tell JPEGs from the rest). In the pipeline's preprocessing
+thread JPEGs are decoded on the GPU by torchvision's nvJPEG decoder, a batch per chunk; other formats arrive decoded
+by PIL. Each image is then resized (and, for fixed-size AIMv2, center cropped), rescaled and normalized with the
+torch operations of transformers' torchvision backend (`Siglip2ImageProcessor`; `CLIPImageProcessor` for AIMv2):
+`tvF.resize` with antialias, the backend's center crop, `tvF.normalize` with mean and std divided by the rescale
+factor, in float32. Where to resize to is our processors' rule: `naflex_grid` (Siglip2), `fixed_size` + crop (AIMv2
+224/336/448, = CLIPImageProcessor's), `native_grid` (AIMv2 native, which transformers has no processor for).
 
-torchvision is imported only here, so the rest of the job runs without it.
+Exactness: on CUDA the patches equal the torchvision backend's run on the same device for the same decoded pixels
+(tests/test_encode_gpu.py). The pixel code (`TorchPreprocessing`) is plain torch and runs on any device; on the CPU
+it makes the CUDA path's float resize, which torchvision's CPU uint8 kernels do not, so CPU runs are compared with
+our PIL processors within the resize filters' difference (tests/test_torch_preprocessing.py). nvJPEG's pixels may
+differ from libjpeg's by a level here and there (up to 51 at a few pixels on the benchmark corpus).
+
+torchvision is imported only here, and only by `GpuPreprocessing`, so the rest of the job runs without it.
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ import PIL.Image
 import torch
 
 from .inputs import Sample
+from .pipeline import StageClock
 
 GPU_DECODED_FORMATS = ("JPEG",)
 GPU_DECODED_MODES = ("RGB", "L")  # nvJPEG's RGB output equals PIL's convert("RGB") for these; CMYK etc. go by PIL
+# transformers' pil_torch_interpolation_mapping, as F.interpolate modes (torchvision's own resize for the rest)
+INTERPOLATE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 def read_for_gpu(source) -> tuple[str, tuple[int, int], np.ndarray]:
@@ -50,45 +60,153 @@ def tiny_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-class GpuPreprocessing:
-    """Siglip2 preprocessing on a CUDA device, as transformers' torchvision backend does it.
+def tower_of_processor(processor) -> str:
+    """"siglip2" | "aimv2" from a packed processor's options (installed or Hub remote code alike)."""
+    options = processor.options({}) if callable(getattr(processor, "options", None)) else {}
+    if "is_native" in options:
+        return "aimv2"
+    if "max_num_patches" in options:
+        return "siglip2"
+    raise ValueError(f"GPU preprocessing exists for the packed Siglip2 and AIMv2 processors, not {type(processor)}")
 
-    Per image only the resize runs (its sizes are the image's own); the patches of a whole chunk are then normalized
-    in one pass. Normalizing is elementwise per channel, so normalizing the patches equals normalizing the image
-    and then cutting it, to the bit."""
+
+def center_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """transformers' torchvision backend's `center_crop` of a [C, H, W] image: zero padding (the smaller half
+    before) when it is smaller than the crop, then the window at int((H - height) / 2), int((W - width) / 2)."""
+    image_height, image_width = image.shape[-2:]
+    if height > image_height or width > image_width:
+        pad_h, pad_w = max(0, height - image_height), max(0, width - image_width)
+        padding = (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2)  # left, right, top, bottom
+        image = torch.nn.functional.pad(image, padding)
+        image_height, image_width = image.shape[-2:]
+    top, left = int((image_height - height) / 2.0), int((image_width - width) / 2.0)
+    return image[..., top : top + height, left : left + width]
+
+
+class TorchPreprocessing:
+    """A packed processor's preprocessing in torch, on the device of the image: [3, H, W] uint8 -> patches.
+
+    Per image only the resize (and crop) runs, at the image's own sizes; the patches of many images are then
+    normalized in one pass (`normalized`). Normalizing is elementwise per channel, so normalizing the patches equals
+    normalizing the image and then cutting it, to the bit."""
+
+    def __init__(self, processor):
+        self.tower = tower_of_processor(processor)
+        self.options = options = processor.options({"do_convert_rgb": True})
+        self.patch_size = options["patch_size"]
+        self.mode = INTERPOLATE_MODES.get(options["resample"])  # None: lanczos etc., torchvision's own resize
+        # transformers fuses rescale into normalize: mean / factor and std / factor, in float32
+        self.mean = self.std = None
+        if options["do_normalize"]:
+            scale = 1.0 / options["rescale_factor"] if options["do_rescale"] else 1.0
+            self.mean = torch.tensor(options["image_mean"]) * scale
+            self.std = torch.tensor(options["image_std"]) * scale
+
+    def target_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """The resized (height, width) in pixels, by our processor's rule; None: no resize."""
+        options, patch_size = self.options, self.patch_size
+        if not options["do_resize"]:
+            return None
+        if self.tower == "siglip2":
+            from ..processing.image_processing_siglip2_packing import naflex_grid
+
+            rows, cols = naflex_grid(height, width, patch_size, options["max_num_patches"])
+        elif options["is_native"]:
+            from ..processing.image_processing_aimv2_packing import native_grid
+
+            rows, cols = native_grid(height, width, patch_size, options["min_num_patches"], options["max_num_patches"])
+        else:
+            from ..processing.image_processing_aimv2_packing import Aimv2PackingImageProcessor
+
+            return Aimv2PackingImageProcessor.fixed_size(height, width, options["size"])
+        return rows * patch_size, cols * patch_size
+
+    def resize(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """`tvF.resize(image, [height, width], antialias=True)` of a [3, H, W] uint8 CUDA image, to the bit.
+
+        Written out because the torchvision call spends about 0.6 ms of host time per image in its dispatch and
+        checks (measured on the H200 machine: RESULTS.md), more than the GPU needs for the image. These are the
+        torch calls it makes on CUDA (torchvision 0.2x, `resize_image`): no-op at the same size; nearest on uint8;
+        otherwise float32, `interpolate(align_corners=False, antialias=True)`, clamp (bicubic), round, uint8. On the
+        CPU the same calls run (torchvision itself would take its uint8 kernels there)."""
+        if (height, width) == tuple(image.shape[-2:]):
+            return image
+        if self.mode is None:
+            from torchvision.transforms.v2 import InterpolationMode
+            from torchvision.transforms.v2 import functional as tvF
+
+            interpolation = InterpolationMode.LANCZOS if self.options["resample"] == 1 else InterpolationMode.BICUBIC
+            return tvF.resize(image, [height, width], interpolation=interpolation, antialias=True)
+        if self.mode == "nearest":
+            return torch.nn.functional.interpolate(image[None], size=[height, width], mode="nearest")[0]
+        resized = torch.nn.functional.interpolate(image[None].float(), size=[height, width], mode=self.mode,
+                                                  align_corners=False, antialias=True)[0]  # fmt: skip
+        if self.mode == "bicubic":
+            resized = resized.clamp_(min=0, max=255)
+        return resized.round_().to(torch.uint8)
+
+    def model_image(self, image: torch.Tensor) -> torch.Tensor:
+        """[3, H, W] uint8 -> the uint8 image the model sees (resized, cropped), sides multiples of the patch."""
+        size = self.target_size(image.shape[1], image.shape[2])
+        if size is not None:
+            image = self.resize(image, *size)
+        options = self.options
+        if self.tower == "aimv2" and not options["is_native"] and options["do_center_crop"]:
+            image = center_crop(image, options["crop_size"]["height"], options["crop_size"]["width"])
+        return image
+
+    def resized_patches(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[3, H, W] uint8 -> (its model image's patches [h*w, p*p*3] uint8, channel last, (1, h, w))."""
+        image, patch_size = self.model_image(image), self.patch_size
+        channels, height, width = image.shape
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"Image of {height}x{width} pixels is not a whole number of {patch_size}x{patch_size} patches: "
+                "keep do_resize (or do_center_crop) on"
+            )  # the CPU processor's `patchify` refuses it the same way
+        rows, cols = height // patch_size, width // patch_size
+        patches = image.reshape(channels, rows, patch_size, cols, patch_size).permute(1, 3, 2, 4, 0)
+        return patches.reshape(rows * cols, -1), (1, rows, cols)
+
+    def normalized(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 patches [n, p*p*3] -> float32, as the backend's fused rescale and normalize (`tvF.normalize`:
+        subtract, then divide, in float32)."""
+        options = self.options
+        if self.mean is not None:
+            if self.mean.device != patches.device:
+                self.mean, self.std = self.mean.to(patches.device), self.std.to(patches.device)
+            pixels = patches.float().view(len(patches), -1, 3)
+            return pixels.sub_(self.mean).div_(self.std).view(len(patches), -1)
+        if options["do_rescale"]:
+            return patches * options["rescale_factor"]
+        return patches.float()
+
+    def patches(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[3, H, W] uint8 -> (float32 patches [h*w, p*p*3], (1, h, w)), as the torchvision backend."""
+        patches, grid = self.resized_patches(image)
+        return self.normalized(patches), grid
+
+
+class GpuPreprocessing(TorchPreprocessing):
+    """`TorchPreprocessing` on a CUDA device, with nvJPEG decoding of whole chunks."""
 
     def __init__(self, processor, device: torch.device):
         if device.type != "cuda":
             raise ValueError("GPU preprocessing needs a CUDA device: use --preprocess cpu on this one")
-        if not hasattr(processor, "max_num_patches") or hasattr(processor, "is_native"):
-            raise ValueError("GPU preprocessing exists for Siglip2 checkpoints only: use --preprocess cpu")
+        super().__init__(processor)
         try:
             import torchvision.io
-            from torchvision.transforms.v2 import InterpolationMode
-            from torchvision.transforms.v2 import functional as tvF
         except ImportError as error:
             raise ValueError(f"GPU preprocessing needs torchvision ({error}): use --preprocess cpu") from None
-        self.io, self.tvF = torchvision.io, tvF
+        self.io = torchvision.io
         self.device = device
         try:  # a torchvision built without nvJPEG fails here, not on every image
             self.io.decode_jpeg(torch.frombuffer(bytearray(tiny_jpeg()), dtype=torch.uint8), device=device)
         except RuntimeError as error:
             raise ValueError(f"GPU preprocessing needs torchvision's nvJPEG decoder ({error}): use --preprocess cpu") \
                 from None  # fmt: skip
-        self.options = options = processor.options({"do_convert_rgb": True})
-        # transformers' pil_torch_interpolation_mapping, for the PIL filters Siglip2 checkpoints use
-        self.interpolation = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC,
-                              1: InterpolationMode.LANCZOS}[options["resample"]]  # fmt: skip
-        self.mode = {InterpolationMode.NEAREST: "nearest", InterpolationMode.BILINEAR: "bilinear",
-                     InterpolationMode.BICUBIC: "bicubic"}.get(self.interpolation)  # fmt: skip
-        # transformers fuses rescale into normalize: mean / factor and std / factor, in float32 on the device
-        self.mean = self.std = None
-        if options["do_rescale"] and options["do_normalize"]:
-            self.mean = torch.tensor(options["image_mean"], device=device) * (1.0 / options["rescale_factor"])
-            self.std = torch.tensor(options["image_std"], device=device) * (1.0 / options["rescale_factor"])
-        elif options["do_normalize"]:
-            self.mean = torch.as_tensor(options["image_mean"], dtype=torch.float32, device=device)
-            self.std = torch.as_tensor(options["image_std"], dtype=torch.float32, device=device)
+        self.mean = self.mean.to(device) if self.mean is not None else None
+        self.std = self.std.to(device) if self.std is not None else None
 
     def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
         """JPEG bytes -> [3, H, W] uint8 on the GPU, a batch at a time; a file nvJPEG refuses gets the error.
@@ -107,77 +225,34 @@ class GpuPreprocessing:
                     decoded.append(error)
             return decoded
 
-    def resize(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """`tvF.resize(image, [height, width], antialias=True)` of a [3, H, W] uint8 CUDA image, to the bit.
-
-        Written out because the torchvision call spends about 0.6 ms of host time per image in its dispatch and
-        checks (measured on the H200 machine: RESULTS.md), more than the GPU needs for the image. These are the
-        torch calls it makes on CUDA (torchvision 0.2x, `resize_image`): no-op at the same size; nearest on uint8;
-        otherwise float32, `interpolate(align_corners=False, antialias=True)`, clamp (bicubic), round, uint8."""
-        if (height, width) == tuple(image.shape[-2:]):
-            return image
-        if self.mode is None:  # lanczos: torchvision's own path
-            return self.tvF.resize(image, [height, width], interpolation=self.interpolation, antialias=True)
-        if self.mode == "nearest":
-            return torch.nn.functional.interpolate(image[None], size=[height, width], mode="nearest")[0]
-        resized = torch.nn.functional.interpolate(image[None].float(), size=[height, width], mode=self.mode,
-                                                  align_corners=False, antialias=True)[0]  # fmt: skip
-        if self.mode == "bicubic":
-            resized = resized.clamp_(min=0, max=255)
-        return resized.round_().to(torch.uint8)
-
-    def resized_patches(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """[3, H, W] uint8 on the GPU -> (its resized image's patches [h*w, p*p*3] uint8, channel last, (1, h, w))."""
-        from ..processing.image_processing_siglip2_packing import naflex_grid
-
-        options, patch_size = self.options, self.options["patch_size"]
-        if options["do_resize"]:
-            rows, cols = naflex_grid(image.shape[1], image.shape[2], patch_size, options["max_num_patches"])
-            image = self.resize(image, rows * patch_size, cols * patch_size)
-        channels, height, width = image.shape
-        rows, cols = height // patch_size, width // patch_size
-        patches = image.reshape(channels, rows, patch_size, cols, patch_size).permute(1, 3, 2, 4, 0)
-        return patches.reshape(rows * cols, -1), (1, rows, cols)
-
-    def normalized(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 patches [n, p*p*3] -> float32, as the backend's fused rescale and normalize (`tvF.normalize`:
-        subtract, then divide, in float32)."""
-        options = self.options
-        if self.mean is not None:
-            pixels = patches.float().view(len(patches), -1, 3)
-            return pixels.sub_(self.mean).div_(self.std).view(len(patches), -1)
-        if options["do_rescale"]:
-            return patches * options["rescale_factor"]
-        return patches.float()
-
-    def patches(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """[3, H, W] uint8 on the GPU -> (float32 patches [h*w, p*p*3], (1, h, w)), as the torchvision backend."""
-        patches, grid = self.resized_patches(image)
-        return self.normalized(patches), grid
-
-    def prepare_chunk(self, chunk) -> None:
-        """Sets `pixels` and `grid` of the chunk's GPU-path entries; a JPEG nvJPEG cannot decode becomes a skip."""
+    def prepare_chunk(self, chunk, clock: StageClock | None = None) -> None:
+        """Sets `pixels` and `grid` of the chunk's GPU-path entries; a JPEG nvJPEG cannot decode becomes a skip.
+        `clock`: where the host seconds of the decode and of the preprocessing launches are added up."""
+        clock = clock or StageClock()
         jpegs = [entry for entry in chunk.entries if entry.kind == "jpeg"]
-        decoded = self.decode([chunk.encoded[entry.rows] for entry in jpegs])
-        images = dict(zip(map(id, jpegs), decoded))
-        mine, pieces = [], []
-        for entry in chunk.entries:
-            if entry.kind == "jpeg":
-                image = images[id(entry)]
-                if isinstance(image, Exception):
-                    entry.kind, entry.why = "skip", f"{type(image).__name__}: {image}"
+        with clock.timing("decode: nvJPEG batches (host waits)"):
+            decoded = self.decode([chunk.encoded[entry.rows] for entry in jpegs])
+        with clock.timing("preprocess: resize + normalize launches"):
+            images = dict(zip(map(id, jpegs), decoded))
+            mine, pieces = [], []
+            for entry in chunk.entries:
+                if entry.kind == "jpeg":
+                    image = images[id(entry)]
+                    if isinstance(image, Exception):
+                        entry.kind, entry.why = "skip", f"{type(image).__name__}: {image}"
+                        continue
+                elif entry.kind == "decoded":
+                    image = chunk.decoded[entry.rows.start].to(self.device, non_blocking=True)
+                else:
                     continue
-            elif entry.kind == "decoded":
-                image = chunk.decoded[entry.rows.start].to(self.device, non_blocking=True)
-            else:
-                continue
-            patches, entry.grid = self.resized_patches(image)
-            mine.append(entry)
-            pieces.append(patches)
-        if not mine:
-            return
-        pixels = self.normalized(torch.cat(pieces))
-        start = 0
-        for entry, patches in zip(mine, pieces):
-            entry.pixels = pixels[start : start + len(patches)]
-            start += len(patches)
+                patches, entry.grid = self.resized_patches(image)
+                mine.append(entry)
+                pieces.append(patches)
+            if not mine:
+                return
+            pixels = self.normalized(torch.cat(pieces))
+            start = 0
+            for entry, patches in zip(mine, pieces):
+                entry.pixels = pixels[start : start + len(patches)]
+                start += len(patches)
+

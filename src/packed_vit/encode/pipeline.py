@@ -13,18 +13,26 @@
 - Forwards are packed greedily in order by a token budget (`token_budget_batches`), never across a `group` (an
   output shard), so that a shard's forwards depend on its own images only: a resumed or distributed run computes the
   very same forwards. Forwards are queued back to back: the results of forward i are read (one event wait) only once
-  forward i + 1 is queued. On CUDA a thread takes the chunks to the device and finishes their preprocessing
-  (`in_background`) while this one queues the forwards, each thread on its own stream (`Streams`).
-- `preprocess="gpu"` (Siglip2 only): workers only read the files; JPEGs are decoded on the GPU (nvJPEG), resized,
-  rescaled and normalized there as transformers' torchvision backend of Siglip2ImageProcessor does (`gpu_preprocessing`).
-  `"auto"` takes it wherever it applies (a Siglip2 checkpoint on CUDA, torchvision with nvJPEG), else the CPU path:
-  measured faster (RESULTS.md, encode job).
+  forward i + 1 is queued.
+- `preprocess="gpu"` (Siglip2 and AIMv2): workers only read the files; JPEGs are decoded on the GPU (nvJPEG), resized
+  (cropped), rescaled and normalized there as transformers' torchvision backend does (`gpu_preprocessing`). `"auto"`
+  takes it wherever it applies (CUDA, torchvision with nvJPEG), else the CPU path: measured faster (RESULTS.md).
+
+On CUDA the stages are threads with a queue between each, each stage on its own CUDA stream:
+  read (DataLoader workers) -> preprocess (a thread: copies or nvJPEG decode, resize, normalize; `in_background`)
+  -> forward (the caller's thread, PIPELINE_DEPTH forwards queued) -> results, in input order.
+The preprocessing thread records a CUDA event after each chunk; a forward waits for the events of its own images'
+chunks only (not for the whole preprocessing stream, which by then holds the next chunks' work too). nvJPEG's batch
+decode waits for all the work queued on the device, so it must not run in the thread that queues the forwards, and
+PREFETCH_CHUNKS chunks stay ready ahead so the forwards never wait for a decode. `StageClock` adds up each stage's
+host seconds (`benchmarks/bench_encode.py --profile` prints them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+from collections import defaultdict
 import os
 import threading
 import time
@@ -41,12 +49,42 @@ import torch
 from .inputs import UNREADABLE, Sample, read_image
 
 CHUNK = 16  # samples per worker task: large enough to amortise IPC, small enough to start the GPU quickly
-# The GPU path's workers only read files; a chunk is one nvJPEG batch, and each batch waits for all the work queued on
-# the device: few large batches. Measured on the H200 machine, batches of 16 / 64 / 256 decode 5500 / 8300 / 8900
-# images/s on an idle GPU (RESULTS.md, encode job).
-GPU_CHUNK = 256
-PREFETCH_CHUNKS = 2  # chunks preprocessed ahead of the forwards, on CUDA (`in_background`)
+# The GPU path's workers only read files; a chunk is one nvJPEG batch. Measured on the H200 machine, batches of 16 / 64
+# / 256 decode 5500 / 8300 / 8900 images/s on an idle GPU; next to the forwards 128 kept them busier than 256 (0.969
+# vs 0.94 of the forwards alone in issue 23's probe: a smaller batch is ready sooner). RESULTS.md, encode job.
+GPU_CHUNK = 128
+PREFETCH_CHUNKS = 3  # chunks preprocessed ahead of the forwards, on CUDA (`in_background`): >= 4 forwards at 256
 PIPELINE_DEPTH = 2  # forwards queued on the device before the host waits for the oldest one's results
+
+
+class StageClock:
+    """Host seconds per stage, added up across threads: where each thread of the pipeline spent its time."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self.lock:
+            self.seconds[stage] += seconds
+
+    @contextlib.contextmanager
+    def timing(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - start)
+
+    def timed(self, items: Iterable, stage: str) -> Iterator:
+        """`items`, the time spent waiting for each next one added to `stage`."""
+        iterator = iter(items)
+        while True:
+            with self.timing(stage):
+                item = next(iterator, StopIteration)
+            if item is StopIteration:
+                return
+            yield item
 
 
 def default_workers() -> int:
@@ -75,6 +113,7 @@ class Entry:
     kind: str = "skip"  # "uint8" (resized, not normalized) | "float" (processor output) | "jpeg" | "decoded" | "skip"
     why: str = ""  # for a skip
     pixels: torch.Tensor | None = None  # on the device once the main process has it
+    ready: torch.cuda.Event | None = None  # on CUDA: recorded once `pixels` are written (the chunk's preprocessing)
 
 
 @dataclass
@@ -303,7 +342,8 @@ class InFlight:
         cuda = weight.device.type == "cuda"
         with torch.no_grad(), torch.cuda.stream(streams.forwards) if streams else contextlib.nullcontext():
             if streams:  # the pixels are written on the preprocessing stream, and read here
-                streams.forwards.wait_stream(streams.preprocessing)
+                for event in {id(entry.ready): entry.ready for entry in images if entry.ready is not None}.values():
+                    streams.forwards.wait_event(event)
                 for entry in images:
                     entry.pixels.record_stream(streams.forwards)
             if cuda:
@@ -334,39 +374,53 @@ class InFlight:
         return ForwardResult(self.group, self.entries, pooled, self.features, self.by_head, seconds, self.launched_at)
 
 
-def chunks_on_device(chunks: Iterable[Chunk], device: torch.device, options: dict | None, gpu) -> Iterator[list[Entry]]:
-    """Each chunk's entries, in order, their pixels on `device` and ready for the tower."""
-    for chunk in chunks:
-        uint8_pixels = chunk.uint8_pixels.to(device, non_blocking=True)
-        normalized = normalize_patches(uint8_pixels, options) if len(uint8_pixels) else uint8_pixels
-        float_pixels = chunk.float_pixels.to(device, non_blocking=True)
+def chunks_on_device(
+    chunks: Iterable[Chunk], device: torch.device, options: dict | None, gpu, clock: StageClock
+) -> Iterator[list[Entry]]:
+    """Each chunk's entries, in order, their pixels on `device` (being written, on CUDA: `ready` says when)."""
+    for chunk in clock.timed(chunks, "read: waiting for the DataLoader workers"):
         if gpu is not None:
-            gpu.prepare_chunk(chunk)  # decodes, resizes and normalizes the chunk's images on the GPU
-        for entry in chunk.entries:
-            if entry.kind == "uint8":
-                entry.pixels = normalized[entry.rows]
-            elif entry.kind == "float":
-                entry.pixels = float_pixels[entry.rows]
+            gpu.prepare_chunk(chunk, clock)  # decodes, resizes and normalizes the chunk's images on the GPU
+        with clock.timing("preprocess: copies + normalize launches"):
+            if len(chunk.uint8_pixels):
+                normalized = normalize_patches(chunk.uint8_pixels.to(device, non_blocking=True), options)
+            if len(chunk.float_pixels):
+                float_pixels = chunk.float_pixels.to(device, non_blocking=True)
+            for entry in chunk.entries:
+                if entry.kind == "uint8":
+                    entry.pixels = normalized[entry.rows]
+                elif entry.kind == "float":
+                    entry.pixels = float_pixels[entry.rows]
+            if device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()  # on this thread's stream, after all of the chunk's work
+                for entry in chunk.entries:
+                    entry.ready = ready
         yield chunk.entries
 
 
-def in_background(items: Iterator, depth: int, stream: torch.cuda.Stream | None = None) -> Iterator:
+def in_background(
+    items: Iterator, depth: int, stream: torch.cuda.Stream | None = None, clock: StageClock | None = None
+) -> Iterator:
     """`items`, produced by a thread up to `depth` ahead (its CUDA work on `stream`); its exception is raised here.
+    `clock`: gets the producer's seconds waiting for room (it is ahead) and the consumer's waiting for an item.
 
     Why a thread: nvJPEG's batch decode waits for all the work queued on the device (measured: RESULTS.md, encode
     job), so in the thread that queues the forwards it would let the queue run dry at every batch. Stopping early
     (closing this generator) stops the thread."""
+    clock = clock or StageClock()
     queue: Queue = Queue(maxsize=depth)
     stop = threading.Event()
     finished = object()
 
     def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                queue.put(item, timeout=0.1)
-                return True
-            except Full:
-                continue
+        with clock.timing("preprocess: ahead, waiting for room in the queue"):
+            while not stop.is_set():
+                try:
+                    queue.put(item, timeout=0.1)
+                    return True
+                except Full:
+                    continue
         return False
 
     def produce():
@@ -382,7 +436,11 @@ def in_background(items: Iterator, depth: int, stream: torch.cuda.Stream | None 
     thread = threading.Thread(target=produce, name="packed-vit preprocessing", daemon=True)
     thread.start()
     try:
-        while (item := queue.get()) is not finished:
+        while True:
+            with clock.timing("forward: waiting for preprocessed images"):
+                item = queue.get()
+            if item is finished:
+                break
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -393,19 +451,26 @@ def in_background(items: Iterator, depth: int, stream: torch.cuda.Stream | None 
 
 def run_forwards(
     model, entries: Iterable[Entry], max_tokens: int, patch_features: bool, group_of: Callable[[Any], Any],
-    streams: Streams | None = None,
+    streams: Streams | None = None, clock: StageClock | None = None,
 ) -> Iterator[ForwardResult]:
     """Entries in order -> results in order, forwards packed by the token budget within each group and queued
     PIPELINE_DEPTH deep."""
+    clock = clock or StageClock()
     in_flight: deque[InFlight] = deque()
+
+    def oldest() -> ForwardResult:
+        with clock.timing("forward: waiting for the oldest forward's results"):
+            return in_flight.popleft().result()
+
     for group, members in itertools.groupby(entries, key=lambda entry: group_of(entry.tag)):
         tokens = lambda entry: 0 if entry.kind == "skip" else int(np.prod(entry.grid))  # noqa: E731
         for batch in token_budget_batches(members, max_tokens, tokens):
-            in_flight.append(InFlight(model, group, batch, patch_features, streams))
+            with clock.timing("forward: launches"):
+                in_flight.append(InFlight(model, group, batch, patch_features, streams))
             while len(in_flight) > PIPELINE_DEPTH:
-                yield in_flight.popleft().result()
+                yield oldest()
     while in_flight:
-        yield in_flight.popleft().result()
+        yield oldest()
 
 
 def encoded_results(
@@ -417,8 +482,11 @@ def encoded_results(
     workers: int = 0,
     preprocess: str = "cpu",
     group_of: Callable[[Any], Any] = lambda tag: None,
+    clock: StageClock | None = None,
 ) -> Iterator[ForwardResult]:
-    """The whole pipeline: samples -> results in input order (see the module docstring)."""
+    """The whole pipeline: samples -> results in input order (see the module docstring). `clock`: gets the host
+    seconds of each stage."""
+    clock = clock or StageClock()
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive number of patches, got {max_tokens}")
     device = next(model.parameters()).device
@@ -430,7 +498,7 @@ def encoded_results(
 
         try:
             gpu = GpuPreprocessing(processor, device)
-        except ValueError:  # not CUDA, not Siglip2, no torchvision or no nvJPEG in it
+        except ValueError:  # not CUDA, not one of our processors, no torchvision or no nvJPEG in it
             if preprocess == "gpu":
                 raise
     prepare = CpuPreparation(processor)
@@ -443,10 +511,10 @@ def encoded_results(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    chunks = chunks_on_device(loader, device, prepare.options, gpu)
+    chunks = chunks_on_device(loader, device, prepare.options, gpu, clock)
     streams = None
     if device.type == "cuda":
         streams = Streams(torch.cuda.Stream(device), torch.cuda.Stream(device))
-        chunks = in_background(chunks, PREFETCH_CHUNKS, streams.preprocessing)
+        chunks = in_background(chunks, PREFETCH_CHUNKS, streams.preprocessing, clock)
     entries = itertools.chain.from_iterable(chunks)
-    yield from run_forwards(model, entries, max_tokens, patch_features, group_of, streams)
+    yield from run_forwards(model, entries, max_tokens, patch_features, group_of, streams, clock)
