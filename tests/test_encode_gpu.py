@@ -1,5 +1,6 @@
-"""The encode job on CUDA: the GPU preprocessing path against transformers' torchvision backend, and torchrun ranks
-sharing one GPU. Skipped without CUDA or torchvision."""
+"""The encode job on CUDA: the GPU preprocessing path (Siglip2, AIMv2 fixed-size and native) against transformers'
+torchvision backend, the same embeddings for every worker count, and torchrun ranks sharing one GPU. Skipped without
+CUDA or torchvision."""
 
 import subprocess
 import sys
@@ -14,11 +15,11 @@ pytest.importorskip("torchvision")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 import checkpoint_formats as formats  # noqa: E402
-from reference import siglip2_pair  # noqa: E402
+from reference import aimv2_pair, siglip2_pair  # noqa: E402
 
 from packed_vit.encode import encode_images, load_embeddings, load_model_and_processor  # noqa: E402
 from packed_vit.encode.gpu_preprocessing import GpuPreprocessing  # noqa: E402
-from packed_vit.processing import Siglip2PackingImageProcessor  # noqa: E402
+from packed_vit.processing import Aimv2PackingImageProcessor, Siglip2PackingImageProcessor  # noqa: E402
 
 MIN_COSINE = 0.9999  # per image, fp32 model: only the decoder and the resize backend differ
 
@@ -49,6 +50,68 @@ def test_gpu_patches_equal_transformers_torchvision_backend_on_cuda(tmp_path, ma
         assert tuple(expected["spatial_shapes"][0].tolist()) == (h, w)
         difference = (patches - expected["pixel_values"][0, : h * w].to(patches.device)).abs().max().item()
         assert difference <= 1e-6, f"{path.name}: max abs difference {difference}"
+
+
+@pytest.mark.parametrize("side", [224, 336])
+def test_aimv2_fixed_size_gpu_patches_equal_clip_image_processor_torchvision_backend_on_cuda(tmp_path, side):
+    import torchvision.io
+    from transformers import CLIPImageProcessor
+
+    ours = GpuPreprocessing(Aimv2PackingImageProcessor(size={"shortest_edge": side}, crop_size=side),
+                            torch.device("cuda"))  # fmt: skip
+    theirs = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    assert getattr(theirs, "backend", "torchvision") == "torchvision"
+    for path in jpegs(tmp_path):
+        image = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)), device="cuda")
+        patches, (_, h, w) = ours.patches(image)
+        expected = theirs(image, return_tensors="pt", device="cuda")["pixel_values"][0]  # [3, side, side]
+        assert (h, w) == (side // 14, side // 14)
+        expected = expected.reshape(3, h, 14, w, 14).permute(1, 3, 2, 4, 0).reshape(h * w, -1)
+        difference = (patches - expected.to(patches.device)).abs().max().item()
+        assert difference <= 1e-6, f"{path.name}: max abs difference {difference}"
+
+
+def test_aimv2_native_gpu_patches_are_torchvisions_resize_and_normalize_at_our_grid(tmp_path):
+    """No transformers processor exists for native AIMv2: the reference is our rule (`native_grid`, as the CPU
+    processor) with the torchvision backend's operations (tvF.resize bicubic antialias, fused tvF.normalize)."""
+    import torchvision.io
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvF
+
+    from packed_vit.processing.image_processing_aimv2_packing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    processor = Aimv2PackingImageProcessor(is_native=True, min_num_patches=64, max_num_patches=400)
+    ours = GpuPreprocessing(processor, torch.device("cuda"))
+    for path in jpegs(tmp_path):
+        image = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)), device="cuda")
+        patches, grid = ours.patches(image)
+        assert grid == tuple(processor(image.permute(1, 2, 0).cpu().numpy())["grid_thw"][0])
+        _, h, w = grid
+        resized = tvF.resize(image, [h * 14, w * 14], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        mean, std = (torch.tensor(v, device="cuda") * 255.0 for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+        expected = tvF.normalize(resized.float(), mean, std)
+        expected = expected.reshape(3, h, 14, w, 14).permute(1, 3, 2, 4, 0).reshape(h * w, -1)
+        assert torch.equal(patches, expected), path.name
+
+
+@pytest.mark.parametrize("tower", ["siglip2", "aimv2_native", "aimv2_fixed"])
+def test_every_worker_count_gives_the_same_gpu_path_embeddings_to_the_bit(tmp_path, monkeypatch, tower):
+    from packed_vit.encode import pipeline
+
+    monkeypatch.setattr(pipeline, "GPU_CHUNK", 4)  # several chunks per worker, dealt round robin
+    folder = tmp_path / "ckpt"
+    pair = siglip2_pair() if tower == "siglip2" else aimv2_pair(is_native=tower == "aimv2_native")
+    (formats.siglip2_full_model if tower == "siglip2" else formats.vision_model)(*pair, folder)
+    model, processor = load_model_and_processor(str(folder), device="cuda", dtype=torch.float32)
+    paths = jpegs(tmp_path, 23)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
+    images = [(str(p), p) for p in [*paths[:9], tmp_path / "broken.jpg", *paths[9:]]]
+    runs = [encode_images(model, processor, images, max_tokens=300, progress=False, workers=workers,
+                          preprocess="gpu") for workers in (0, 1, 3)]  # fmt: skip
+    for run in runs:
+        assert run.names == [str(p) for p in paths]
+        assert [name for name, _ in run.skipped] == [str(tmp_path / "broken.jpg")]
+        assert torch.equal(run.tensors()["pooled"], runs[0].tensors()["pooled"])
 
 
 def test_a_chunk_is_normalized_at_once_to_the_same_bits_as_each_image(tmp_path):
