@@ -352,9 +352,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_encode"))
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--parity-images", type=int, default=48)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="comma-separated; NAME:gpu (or :cpu) runs the CLI in that mode alone for NAME")
     parser.add_argument("--modes", default="cpu,gpu")
+    parser.add_argument("--checks-configs", default=",".join(CONFIGS),
+                        help="configurations whose pixels and embeddings are checked against transformers")
     parser.add_argument("--profile", action="store_true", help="our pipeline's stage clock, in this process")
+    parser.add_argument("--profile-chunks", default="128,256", help="GPU_CHUNK values the profile runs with")
     parser.add_argument("--startup-configs", default="siglip2_256,aimv2_224",
                         help="configurations whose transformers from_pretrained start-up is measured (one per tower)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results_encode.json")
@@ -376,12 +380,13 @@ def main() -> None:
                                "torchvision": torchvision.__version__, "gpu": torch.cuda.get_device_name(),
                                "cpus": os.cpu_count()},
                "corpus": {"images": len(paths), "median_megapixels": float(np.median(megapixels))}, "configs": {}}  # fmt: skip
-    for name in args.configs.split(","):
+    for item in args.configs.split(","):
+        name, _, only = item.partition(":")
         checkpoint = args.work / name
         write_checkpoint(checkpoint, name)
         row = {"cli": {}}
         embeddings = {}
-        for mode in args.modes.split(","):
+        for mode in only.split("+") if only else args.modes.split(","):
             out = args.work / f"emb_{name}_{mode}.safetensors"
             row["cli"][mode] = run_cli(corpus, checkpoint, out, mode)
             loaded = load_embeddings(out)
@@ -391,7 +396,8 @@ def main() -> None:
         row["forwards_alone"] = forwards_alone(model, packed_batches(paths, processor))
         print(f"[{name}] forwards alone: {row['forwards_alone']}", flush=True)
         if args.profile:
-            row["profile"] = [profile_pipeline(model, processor, paths, chunk) for chunk in (128, 256)]
+            chunks = map(int, args.profile_chunks.split(","))
+            row["profile"] = [profile_pipeline(model, processor, paths, chunk) for chunk in chunks]
             print(f"[{name}] profile: {json.dumps(row['profile'], indent=1)}", flush=True)
         del model
         if CONFIGS[name][3]:
@@ -399,11 +405,12 @@ def main() -> None:
             print(f"[{name}] transformers user: {row['transformers_user']}", flush=True)
         if name in args.startup_configs.split(","):
             row["transformers_startup"] = transformers_startup(checkpoint, name)
-        row["preprocessing_check"] = preprocessing_check(paths[: args.parity_images], name, processor)
-        row["parity_bf16_vs_transformers_fp32"] = parity(paths[: args.parity_images], checkpoint, name, embeddings,
-                                                         processor)  # fmt: skip
-        print(f"[{name}] checks: {row.get('transformers_startup')} {row['preprocessing_check']} "
-              f"{row['parity_bf16_vs_transformers_fp32']}", flush=True)  # fmt: skip
+        if name in args.checks_configs.split(","):
+            row["preprocessing_check"] = preprocessing_check(paths[: args.parity_images], name, processor)
+            row["parity_bf16_vs_transformers_fp32"] = parity(paths[: args.parity_images], checkpoint, name,
+                                                             embeddings, processor)  # fmt: skip
+        print(f"[{name}] checks: {row.get('transformers_startup')} {row.get('preprocessing_check')} "
+              f"{row.get('parity_bf16_vs_transformers_fp32')}", flush=True)  # fmt: skip
         alone = row["forwards_alone"]["images_per_s"]
         user = row.get("transformers_user", {}).get("images_per_s")
         for cli in row["cli"].values():

@@ -24,8 +24,10 @@ On CUDA the stages are threads with a queue between each, each stage on its own 
 The preprocessing thread records a CUDA event after each chunk; a forward waits for the events of its own images'
 chunks only (not for the whole preprocessing stream, which by then holds the next chunks' work too). nvJPEG's batch
 decode waits for all the work queued on the device, so it must not run in the thread that queues the forwards, and
-PREFETCH_CHUNKS chunks stay ready ahead so the forwards never wait for a decode. `StageClock` adds up each stage's
-host seconds (`benchmarks/bench_encode.py --profile` prints them).
+PREFETCH_CHUNKS chunks stay ready ahead so the forwards never wait for a decode. While the workers start, this
+thread runs one forward of the budget's size (`warm_up`): a fresh process's first forward pays one-time costs (lazy
+kernel loading, cuBLAS workspaces, Triton compiles) that would otherwise stall the pipeline's first chunks.
+`StageClock` adds up each stage's host seconds (`benchmarks/bench_encode.py --profile` prints them).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections import defaultdict
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -404,10 +407,11 @@ def in_background(
 ) -> Iterator:
     """`items`, produced by a thread up to `depth` ahead (its CUDA work on `stream`); its exception is raised here.
     `clock`: gets the producer's seconds waiting for room (it is ahead) and the consumer's waiting for an item.
+    The thread starts at once (the caller may do other work meanwhile); the first item is awaited at the first next().
 
     Why a thread: nvJPEG's batch decode waits for all the work queued on the device (measured: RESULTS.md, encode
     job), so in the thread that queues the forwards it would let the queue run dry at every batch. Stopping early
-    (closing this generator) stops the thread."""
+    (closing the returned generator, or dropping it) stops the thread."""
     clock = clock or StageClock()
     queue: Queue = Queue(maxsize=depth)
     stop = threading.Event()
@@ -433,20 +437,51 @@ def in_background(
         except BaseException as error:  # handed to the consumer, which raises it
             put(error)
 
+    def consume():
+        try:
+            while True:
+                with clock.timing("forward: waiting for preprocessed images"):
+                    item = queue.get()
+                if item is finished:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
     thread = threading.Thread(target=produce, name="packed-vit preprocessing", daemon=True)
     thread.start()
+    consumer = consume()
+    weakref.finalize(consumer, stop.set)  # a consumer dropped before its first item still stops the thread
+    return consumer
+
+
+def started(loader: Iterable, event: threading.Event) -> Iterator:
+    """`loader`'s items; `event` is set once its iterator exists (for a DataLoader: its workers are forked)."""
     try:
-        while True:
-            with clock.timing("forward: waiting for preprocessed images"):
-                item = queue.get()
-            if item is finished:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        iterator = iter(loader)
     finally:
-        stop.set()
-        thread.join()
+        event.set()
+    yield from iterator
+
+
+def warm_up(model, processor, max_tokens: int, stream: torch.cuda.Stream) -> None:
+    """One forward of up to `max_tokens` patches of the processor's usual grid (zeros), waited for: the one-time
+    costs of a process's first forward, paid while the workers start rather than by the first chunks. Outputs do
+    not depend on it (no state is kept)."""
+    options = processor.options({})
+    patch_size = options["patch_size"]
+    rows = cols = 16  # Siglip2 and native AIMv2 take any grid; fixed-size AIMv2 its crop's
+    if not options.get("is_native", True) and options.get("do_center_crop"):
+        rows, cols = options["crop_size"]["height"] // patch_size, options["crop_size"]["width"] // patch_size
+    frames = max(1, min(max_tokens, 16384) // (rows * cols))
+    weight = next(model.parameters())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        patches = torch.zeros(frames * rows * cols, 3 * patch_size**2, device=weight.device, dtype=weight.dtype)
+        model(patches, torch.tensor([[1, rows, cols]] * frames))
+    stream.synchronize()
 
 
 def run_forwards(
@@ -511,10 +546,14 @@ def encoded_results(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    chunks = chunks_on_device(loader, device, prepare.options, gpu, clock)
+    workers_started = threading.Event()
+    chunks = chunks_on_device(started(loader, workers_started), device, prepare.options, gpu, clock)
     streams = None
     if device.type == "cuda":
         streams = Streams(torch.cuda.Stream(device), torch.cuda.Stream(device))
         chunks = in_background(chunks, PREFETCH_CHUNKS, streams.preprocessing, clock)
+        workers_started.wait(timeout=60)  # not while they fork: they would copy this thread's CUDA work mid-flight
+        with clock.timing("forward: warm-up while the workers start"):
+            warm_up(model, processor, max_tokens, streams.forwards)
     entries = itertools.chain.from_iterable(chunks)
     yield from run_forwards(model, entries, max_tokens, patch_features, group_of, streams, clock)
