@@ -145,9 +145,10 @@ class TorchPreprocessing:
             resized = resized.clamp_(min=0, max=255)
         return resized.round_().to(torch.uint8)
 
-    def model_image(self, image: torch.Tensor) -> torch.Tensor:
-        """[3, H, W] uint8 -> the uint8 image the model sees (resized, cropped), sides multiples of the patch."""
-        size = self.target_size(image.shape[1], image.shape[2])
+    def model_image(self, image: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """[3, H, W] uint8 -> the uint8 image the model sees (resized, cropped), sides multiples of the patch.
+        `size`: `target_size` of the image, if already known."""
+        size = size or self.target_size(image.shape[1], image.shape[2])
         if size is not None:
             image = self.resize(image, *size)
         options = self.options
@@ -155,9 +156,12 @@ class TorchPreprocessing:
             image = center_crop(image, options["crop_size"]["height"], options["crop_size"]["width"])
         return image
 
-    def resized_patches(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """[3, H, W] uint8 -> (its model image's patches [h*w, p*p*3] uint8, channel last, (1, h, w))."""
-        image, patch_size = self.model_image(image), self.patch_size
+    def resized_patches(
+        self, image: torch.Tensor, size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[3, H, W] uint8 -> (its model image's patches [h*w, p*p*3] uint8, channel last, (1, h, w)).
+        `size`: `target_size` of the image, if already known."""
+        image, patch_size = self.model_image(image, size), self.patch_size
         channels, height, width = image.shape
         if height % patch_size or width % patch_size:
             raise ValueError(
@@ -245,7 +249,8 @@ class GpuPreprocessing(TorchPreprocessing):
                     image = chunk.decoded[entry.rows.start].to(self.device, non_blocking=True)
                 else:
                     continue
-                patches, entry.grid = self.resized_patches(image)
+                known = entry.resize_to if tuple(image.shape[1:]) == tuple(entry.size) else None
+                patches, entry.grid = self.resized_patches(image, known)
                 mine.append(entry)
                 pieces.append(patches)
             if not mine:
@@ -253,6 +258,6 @@ class GpuPreprocessing(TorchPreprocessing):
             pixels = self.normalized(torch.cat(pieces))
             start = 0
             for entry, patches in zip(mine, pieces):
-                entry.pixels = pixels[start : start + len(patches)]
+                entry.pixels, entry.block = pixels[start : start + len(patches)], pixels
                 start += len(patches)
 

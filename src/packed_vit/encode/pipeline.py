@@ -116,7 +116,9 @@ class Entry:
     kind: str = "skip"  # "uint8" (resized, not normalized) | "float" (processor output) | "jpeg" | "decoded" | "skip"
     why: str = ""  # for a skip
     pixels: torch.Tensor | None = None  # on the device once the main process has it
+    block: torch.Tensor | None = None  # the chunk's device tensor `pixels` is a view of (for `record_stream`)
     ready: torch.cuda.Event | None = None  # on CUDA: recorded once `pixels` are written (the chunk's preprocessing)
+    resize_to: tuple[int, int] | None = None  # GPU path: (height, width) to resize to, worked out by the worker
 
 
 @dataclass
@@ -213,6 +215,7 @@ class ChunkDataset(torch.utils.data.IterableDataset):
     def __init__(self, samples: SampleSource, prepare: Callable[[Entry, Any], Any], gpu_decode: bool):
         self.samples, self.prepare, self.gpu_decode = samples, prepare, gpu_decode
         self.chunk_size = GPU_CHUNK if gpu_decode else CHUNK
+        self.rule = None  # the GPU path's resize rule, made in the worker: its host work stays off the main process
 
     def __iter__(self) -> Iterator[Chunk]:
         info = torch.utils.data.get_worker_info()
@@ -240,10 +243,12 @@ class ChunkDataset(torch.utils.data.IterableDataset):
             entry = Entry(tag, name)
             try:
                 if self.gpu_decode:
-                    from .gpu_preprocessing import read_for_gpu
+                    from .gpu_preprocessing import TorchPreprocessing, read_for_gpu
 
                     kind, size, data = read_for_gpu(source)
                     entry.kind, entry.size = kind, size
+                    self.rule = self.rule or TorchPreprocessing(self.prepare.processor)
+                    entry.resize_to = self.rule.target_size(*size)
                     rows = encoded if kind == "jpeg" else decoded
                     start = sum(len(d) for d in encoded) if kind == "jpeg" else len(decoded)
                     entry.rows = slice(start, start + (len(data) if kind == "jpeg" else 1))
@@ -344,11 +349,11 @@ class InFlight:
         weight = next(model.parameters())
         cuda = weight.device.type == "cuda"
         with torch.no_grad(), torch.cuda.stream(streams.forwards) if streams else contextlib.nullcontext():
-            if streams:  # the pixels are written on the preprocessing stream, and read here
+            if streams:  # the pixels are written on the preprocessing stream, and read here: once per chunk
                 for event in {id(entry.ready): entry.ready for entry in images if entry.ready is not None}.values():
                     streams.forwards.wait_event(event)
-                for entry in images:
-                    entry.pixels.record_stream(streams.forwards)
+                for block in {id(entry.block): entry.block for entry in images}.values():
+                    block.record_stream(streams.forwards)
             if cuda:
                 self.start_event = torch.cuda.Event(enable_timing=True)
                 self.done_event = torch.cuda.Event(enable_timing=True)
@@ -365,7 +370,7 @@ class InFlight:
             if cuda:
                 self.done_event.record()
         for entry in images:
-            entry.pixels = None  # the device copy is no longer needed
+            entry.pixels = entry.block = None  # the device copy is no longer needed
 
     def result(self) -> ForwardResult:
         if self.done_event is not None:
@@ -391,9 +396,9 @@ def chunks_on_device(
                 float_pixels = chunk.float_pixels.to(device, non_blocking=True)
             for entry in chunk.entries:
                 if entry.kind == "uint8":
-                    entry.pixels = normalized[entry.rows]
+                    entry.pixels, entry.block = normalized[entry.rows], normalized
                 elif entry.kind == "float":
-                    entry.pixels = float_pixels[entry.rows]
+                    entry.pixels, entry.block = float_pixels[entry.rows], float_pixels
             if device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record()  # on this thread's stream, after all of the chunk's work
