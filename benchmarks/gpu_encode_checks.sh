@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The encode job's GPU checks and benchmark in one device call (issues 13, 14, 23). Run from the repository root:
-#   [CONFIGS=siglip2_256,...] [TESTS=0] [BENCH_ARGS=...] bash benchmarks/gpu_encode_checks.sh OUT_DIR [BEFORE_DIR]
+#   [CONFIGS=siglip2_256,...] [TESTS=0] [BENCH_ARGS=...] [BEFORE_CONFIGS=...] \
+#       bash benchmarks/gpu_encode_checks.sh OUT_DIR [BEFORE_DIR]
 # BEFORE_DIR: a copy of an earlier src/packed_vit, whose GPU path is run on the same corpus and checkpoints after the
 # benchmark (the before / after of a change, in the same run).
 set -uo pipefail
@@ -19,7 +20,7 @@ timeout 370 python benchmarks/bench_encode.py --work /tmp/be --out "$out/results
 if [ -n "$before" ]; then  # the earlier code's GPU path, as users ran it
     mkdir -p /tmp/pvb/packed_vit && cp -r "$before"/. /tmp/pvb/packed_vit/
     for sub in modeling configuration processing; do ln -sfn "$PWD/$sub" /tmp/pvb/packed_vit/$sub; done
-    for name in $(echo "$configs" | tr , ' '); do
+    for name in $(echo "${BEFORE_CONFIGS:-$configs}" | tr , ' '); do
         name=${name%%:*}
         [[ $name == siglip2* ]] || continue  # the earlier code had no GPU path for AIMv2
         PYTHONPATH=/tmp/pvb timeout 60 python -m packed_vit encode /tmp/be/corpus --model /tmp/be/$name \
