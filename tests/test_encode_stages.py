@@ -1,0 +1,85 @@
+"""The encode pipeline's stage plumbing on the CPU: the stage clock, the workers' start signal, the preprocessing
+thread's life, and the GPU path's reading stage (what the workers hand over before any GPU work)."""
+
+import gc
+import threading
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from packed_vit.encode.gpu_preprocessing import TorchPreprocessing
+from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource, StageClock, in_background, started
+from packed_vit.processing import Aimv2PackingImageProcessor, Siglip2PackingImageProcessor
+
+
+def test_stage_clock_adds_up_the_time_spent_waiting_for_each_item():
+    clock = StageClock()
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.02)
+            yield i
+
+    assert list(clock.timed(slow(), "read")) == [0, 1, 2]
+    with clock.timing("work"):
+        time.sleep(0.01)
+    assert clock.seconds["read"] >= 0.06 and 0.01 <= clock.seconds["work"] < clock.seconds["read"]
+
+
+def test_started_signals_once_the_iterator_exists_also_when_making_it_fails():
+    event = threading.Event()
+    items = started([1, 2], event)
+    assert not event.is_set()  # a generator: nothing runs before the first next()
+    assert next(items) == 1 and event.is_set()
+
+    class Broken:
+        def __iter__(self):
+            raise OSError("no workers")
+
+    event = threading.Event()
+    with pytest.raises(OSError, match="no workers"):
+        next(started(Broken(), event))
+    assert event.is_set()  # the pipeline's wait for it cannot hang
+
+
+def test_the_preprocessing_thread_starts_at_once_and_stops_when_its_consumer_is_dropped():
+    produced = threading.Event()
+
+    def endless():
+        while True:
+            produced.set()
+            yield 0
+
+    consumer = in_background(endless(), depth=2)
+    assert produced.wait(5)  # before any next(): the caller may warm up meanwhile
+    del consumer
+    gc.collect()
+    deadline = time.time() + 5
+    while any(t.name == "packed-vit preprocessing" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "packed-vit preprocessing" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [Siglip2PackingImageProcessor(max_num_patches=64), Aimv2PackingImageProcessor(),
+     Aimv2PackingImageProcessor(is_native=True, min_num_patches=16, max_num_patches=100)],  # fmt: skip
+    ids=["siglip2", "aimv2_fixed", "aimv2_native"],
+)
+def test_gpu_path_workers_hand_over_the_file_bytes_and_each_images_resize_target(tmp_path, processor):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(40, 90), (301, 200), (224, 224)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    (tmp_path / "a.png").write_bytes(b"not an image")
+    items = [(str(p), str(p)) for p in [*paths, tmp_path / "a.png"]]
+    (chunk,) = list(ChunkDataset(PairsSource(items), CpuPreparation(processor), gpu_decode=True))
+    rule = TorchPreprocessing(processor)
+    for entry, path in zip(chunk.entries, paths):
+        assert entry.kind == "jpeg" and entry.size == PIL.Image.open(path).size[::-1]
+        assert entry.resize_to == rule.target_size(*entry.size)
+        assert chunk.encoded[entry.rows].numpy().tobytes() == path.read_bytes()
+    assert chunk.entries[-1].kind == "skip" and "UnidentifiedImageError" in chunk.entries[-1].why
