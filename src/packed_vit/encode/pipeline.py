@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections import defaultdict
 import os
 import threading
 import time
 import weakref
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +52,9 @@ from .inputs import UNREADABLE, Sample, read_image
 
 CHUNK = 16  # samples per worker task: large enough to amortise IPC, small enough to start the GPU quickly
 # The GPU path's workers only read files; a chunk is one nvJPEG batch. Measured on the H200 machine, batches of 16 / 64
-# / 256 decode 5500 / 8300 / 8900 images/s on an idle GPU; next to the forwards 128 kept them busier than 256 (0.969
-# vs 0.94 of the forwards alone in issue 23's probe: a smaller batch is ready sooner). RESULTS.md, encode job.
+# / 256 decode 5500 / 8300 / 8900 images/s on an idle GPU; next to the forwards, issue 23's probe kept them at 0.969 of
+# their rate alone with 128 and 0.94-0.95 with 256; in the job's profile 128 vs 256 was within the run-to-run spread
+# (Siglip2 1948 vs 1921 images/s, AIMv2-224 1806 vs 1992: RESULTS.md, encode job).
 GPU_CHUNK = 128
 PREFETCH_CHUNKS = 3  # chunks preprocessed ahead of the forwards, on CUDA (`in_background`): >= 4 forwards at 256
 PIPELINE_DEPTH = 2  # forwards queued on the device before the host waits for the oldest one's results
