@@ -132,7 +132,7 @@ class ResidualNorm(nn.Module):
         return hidden_states, self.normalize(hidden_states)
 
 
-def add_and_norm(norm: nn.Module, hidden_states: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def add_and_norm(norm: nn.Module, hidden_states: torch.Tensor, delta: torch.Tensor):  # -> (sum, normed), [N, D] each
     """(hidden_states + delta, norm(hidden_states + delta)): `norm`'s fused pass where it is one of ours with no
     hooks; otherwise the sum, then `norm` called as any module (a wrapped or replaced norm: plain_modules.py)."""
     if isinstance(norm, ResidualNorm) and is_plain(norm, type(norm)):

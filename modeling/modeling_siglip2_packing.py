@@ -69,7 +69,7 @@ class Siglip2PackingMLP(nn.Module):
         return self.fc2(hidden_states)
 
     def gelu_in_epilogue_applies(self, hidden_states: torch.Tensor) -> bool:
-        """CUDA inference with fc1 a plain `nn.Linear` (an adapter on fc1 is applied by calling it: plain_modules.py)."""
+        """CUDA inference, fc1 a plain `nn.Linear` (an adapter on fc1 is applied by calling fc1: plain_modules.py)."""
         return (
             self.gelu_in_epilogue and hidden_states.device.type in GELU_EPILOGUE_DEVICES and not torch.is_grad_enabled()
             and is_plain(self.fc1, nn.Linear)

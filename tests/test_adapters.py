@@ -1,4 +1,5 @@
-"""Adapters (PEFT's LoRA / DoRA) on the packed towers == the same adapters on transformers' towers (DESIGN §7, CPU fp32).
+"""Adapters (PEFT's LoRA / DoRA) on the packed towers == the same adapters on transformers' towers (DESIGN §7, CPU
+fp32).
 
 Both towers get the same adapter config and the very same (non-zero) adapter weights; ours runs packed, the
 reference frame by frame. Also: the fast paths that read a module's weights directly step aside for a wrapped module
@@ -55,7 +56,8 @@ def patch_dim(ours) -> int:
 
 
 def reference_name(name: str) -> str:
-    return name.replace("vision_model.", "")  # transformers 4.57 keeps the tower under `vision_model.`
+    return name.replace("vision_model.", "")  # transformers 4.57 keeps the tower under `vision_model.` (and so does
+    # its LFM2-VL after replace_vision_towers, which swaps the inner module there)
 
 
 def with_the_same_adapter(ref, ours, config: LoraConfig, seed: int = 0):
@@ -63,7 +65,7 @@ def with_the_same_adapter(ref, ours, config: LoraConfig, seed: int = 0):
     zero, which would hide an adapter that is not applied)."""
     ref, ours = get_peft_model(ref, copy.deepcopy(config)), get_peft_model(ours, copy.deepcopy(config))
     ref_adapter = {reference_name(n): p for n, p in ref.named_parameters() if "lora_" in n}
-    ours_adapter = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+    ours_adapter = {reference_name(n): p for n, p in ours.named_parameters() if "lora_" in n}
     assert ours_adapter and ours_adapter.keys() == ref_adapter.keys()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -163,10 +165,10 @@ def test_training_gradients_with_an_adapter(tower):
     for name, parameter in ours.named_parameters():
         if "lora_" not in name:
             continue
-        if ref_grads[name] is None:  # an adapter the reference does not apply (the head's out_proj: see below)
+        if ref_grads[reference_name(name)] is None:  # one the reference does not apply (the head's out_proj: below)
             assert parameter.grad is None, name
         else:
-            assert rel_err(parameter.grad, ref_grads[name]) <= FP32_REL_TOL, name
+            assert rel_err(parameter.grad, ref_grads[reference_name(name)]) <= FP32_REL_TOL, name
 
 
 def test_an_adapter_on_the_heads_out_proj_is_not_applied_as_in_transformers():
@@ -238,17 +240,80 @@ def test_graphs_are_keyed_on_the_adapters_state():
     """Enabling, disabling, merging an adapter or changing its scale changes no module and no memory the graphs
     check, only the LoRA layers' Python state: it is part of each graph's key."""
     _, ours = siglip2_pair()
-    ours = get_peft_model(ours, LoraConfig(r=4, target_modules="all-linear"))
-    foreign = cuda_graphs._foreign_modules(ours.base_model.model)
-    assert foreign and all(type(m).__module__.startswith("peft.") for m in foreign)
-    states = {cuda_graphs._python_state(foreign)}
+    ours = get_peft_model(ours, LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    layers = cuda_graphs._adapter_layers(ours.base_model.model)
+    assert len(layers) == 1 + 2 * 6 + 3  # patch embedding; q, k, v, out, fc1, fc2 per layer; head out_proj, fc1, fc2
+    def state():
+        return repr(cuda_graphs._adapters_state(layers))
+
+    states = {state()}
     with ours.disable_adapter():
-        states.add(cuda_graphs._python_state(foreign))
-    assert len(states) == 2 and cuda_graphs._python_state(foreign) in states  # back to the first state
+        states.add(state())
+    assert len(states) == 2 and state() in states  # back to the first state
     ours.base_model.model.encoder.layers[0].mlp.fc1.scale_layer(0.5)
-    states.add(cuda_graphs._python_state(foreign))
+    states.add(state())
     ours.merge_adapter()
-    states.add(cuda_graphs._python_state(foreign))
+    states.add(state())
     assert len(states) == 4
     _, plain = siglip2_pair()
-    assert cuda_graphs._foreign_modules(plain) == []  # nothing to look at on a plain tower
+    assert cuda_graphs._adapter_layers(plain) == []  # nothing to look at on a plain tower
+
+
+def test_graphs_run_eagerly_with_a_module_they_cannot_follow():
+    ref, ours = siglip2_pair()
+
+    class Scaled(nn.Module):  # a user's wrapper: what it computes may change with no trace the graphs could see
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.factor = inner, 1.0
+
+        def forward(self, x):
+            return self.inner(x) * self.factor
+
+    ours.encoder.layers[0].mlp.fc2 = Scaled(ours.encoder.layers[0].mlp.fc2)
+    assert cuda_graphs._adapter_layers(ours) is None
+    ours.cuda_graphs = CudaGraphRunner()  # capturing: on the CPU it never applies, so ask the runner directly
+    ours.cuda_graphs.capture_graphs = True
+    ours.cuda_graphs.applies = lambda *args: True
+    hidden_states, grid_thw = random_packed([(1, 3, 4)], patch_dim(ours))
+    with torch.no_grad():
+        assert ours.cuda_graphs.forward(ours, hidden_states, grid_thw, "sdpa", False) is None
+
+
+# ---- inside a VLM (replace_vision_towers) ----
+
+VISION_LINEARS = r".*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+
+
+def test_adapters_attached_after_replace_vision_towers_give_the_vlms_logits_and_gradients():
+    pytest.importorskip("transformers.models.lfm2_vl", reason="this transformers has no LFM2-VL")
+    from test_vlm_drop_in import IMAGE_TOKEN_ID, padded_images, prompt_with_images, small_lfm2_vl
+
+    from packed_vit import replace_vision_towers
+
+    original = small_lfm2_vl()
+    replaced = copy.deepcopy(original)
+    assert replace_vision_towers(replaced) == 1
+    original, replaced = with_the_same_adapter(original, replaced, LoraConfig(r=4, target_modules=VISION_LINEARS))
+    inputs = dict(input_ids=prompt_with_images(), **padded_images())
+    with torch.no_grad():
+        assert rel_err(replaced(**inputs).logits, original(**inputs).logits) <= FP32_REL_TOL
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+    for model in (original, replaced):
+        model.train()
+        model(**inputs, labels=labels).loss.backward()
+    ref_grads = {reference_name(n): p.grad for n, p in original.named_parameters() if "lora_" in n}
+    for name, parameter in replaced.named_parameters():
+        if "lora_" in name:
+            assert rel_err(parameter.grad, ref_grads[reference_name(name)]) <= FP32_REL_TOL, name
+
+
+def test_replace_vision_towers_refuses_a_tower_that_already_has_adapters():
+    pytest.importorskip("transformers.models.lfm2_vl", reason="this transformers has no LFM2-VL")
+    from test_vlm_drop_in import small_lfm2_vl
+
+    from packed_vit import replace_vision_towers
+
+    model = get_peft_model(small_lfm2_vl(), LoraConfig(r=4, target_modules=VISION_LINEARS))
+    with pytest.raises(ValueError, match=r"adapter layers \(PEFT.*replace the towers first, then attach"):
+        replace_vision_towers(model)
