@@ -99,12 +99,12 @@ def test_is_plain_only_for_the_exact_class_without_hooks():
         handle = register(lambda *args: None)
         assert not is_plain(linear, nn.Linear)
         handle.remove()
+    # global hooks (profilers, FLOP counters) watch every module: they measure the forward as it runs without them
     handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
     try:
-        assert not is_plain(linear, nn.Linear)
+        assert is_plain(linear, nn.Linear)
     finally:
         handle.remove()
-    assert is_plain(linear, nn.Linear)
 
 
 def test_the_gelu_epilogue_steps_aside_for_an_adapter_on_fc1(monkeypatch):
