@@ -18,7 +18,9 @@ are padded to a size bucket, and one graph is captured per bucket, on the bucket
   their rows. A shape never seen is computed by the model's own (eager) `embeddings.positions`. Whether the model
   still holds the modules and parameter memory the graphs read is checked on every call, its module registries
   only after a registration anywhere (counted by torch's global registration hooks, installed with the first
-  runner).
+  runner). Adapters (PEFT's layers) are captured as the modules they are; what their Python state selects (an
+  adapter enabled, active, merged, its scale) is part of each graph's key. A model holding any other module of a
+  class from outside torch and this package runs eagerly: what such a module computes may change with no trace.
 - Memory: all graphs share one pool (about the activations of the largest bucket's forward: graphs run one at a
   time and nothing of one is read after another replays), static buffers of `max_tokens` rows, and the position
   rows of recent frame shapes, at most `max_tokens` rows (as much as the static position buffer).
@@ -142,6 +144,45 @@ def _slots_unchanged(slots: tuple) -> bool:
     return _registries_unchanged(slots) and _addresses_unchanged(slots)
 
 
+# Modules of classes from neither torch nor this package decide in Python what their forward computes, and a graph
+# fixes what the capture computed. PEFT's adapter layers keep that choice in a few attributes (an adapter enabled or
+# disabled, which are active, which merged, their scales): their values are part of each graph's key, so toggling an
+# adapter replays the graph of that state. PEFT's other modules follow their adapter layer. Any other module's
+# state is unknown: the forward runs eagerly.
+_OWN_MODULES = (__name__.rpartition(".")[0] + ".", "torch.", "transformers.activations")
+_ADAPTER_STATE = ("_disable_adapters", "_active_adapter", "merged_adapters")  # PEFT's BaseTunerLayer
+
+
+def _is_adapter_layer(module: torch.nn.Module) -> bool:
+    return type(module).__module__.startswith("peft.") and all(hasattr(module, name) for name in _ADAPTER_STATE)
+
+
+def _adapter_layers(model: torch.nn.Module) -> list | None:
+    """PEFT's adapter layers in `model`; None where some module's Python state is not known (no graphs)."""
+    foreign = [module for module in model.modules() if not type(module).__module__.startswith(_OWN_MODULES)]
+    if not all(type(module).__module__.startswith("peft.") for module in foreign):
+        return None
+    return [module for module in foreign if _is_adapter_layer(module)]
+
+
+_disabled = operator.attrgetter("_disable_adapters")
+_active = operator.attrgetter("_active_adapter")
+_merged = operator.attrgetter("merged_adapters")
+
+
+def _scaling(layer) -> dict:
+    return getattr(layer, "scaling", None) or {}  # LoRA's per-adapter scales; other tuners' layers have none
+
+
+def _adapters_state(layers: list) -> list:
+    """The adapter layers' state, compared by value (lists and dicts copied), built at C level: a Python loop over
+    so400m's 166 LoRA layers cost a large part of a replay's host time."""
+    return [
+        list(map(_disabled, layers)), list(map(_active, layers)),
+        list(map(list, map(_merged, layers))), list(map(dict, map(_scaling, layers))),
+    ]  # fmt: skip
+
+
 # Submodule and parameter registrations anywhere in this process (`module.x = ...`, `add_module`,
 # `register_parameter`), counted by torch's global registration hooks, installed with the first runner: the
 # registries are looked at again only after one.
@@ -206,6 +247,8 @@ class CudaGraphRunner:
         self.warmup_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.slots: tuple | None = None
         self.slots_registrations = -1  # the registration count when `slots` were taken
+        self.adapter_layers: list | None = []  # with `slots`: PEFT's layers whose state keys the graphs
+        self.adapter_state, self.adapter_state_key = None, ""  # their state at the last call, and its repr
         # (h, w) -> that frame shape's position rows [h*w, D], LRU order, at most `max_tokens` rows in all, for
         # `shape_positions_of` (device, the embeddings' parameter versions)
         self.shape_positions: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
@@ -255,6 +298,13 @@ class CudaGraphRunner:
         if self.capture_graphs and not self._holds_the_same(model):
             self.reset()  # first call, or new modules or weights: capture again
             self.slots, self.slots_registrations = _module_slots(model), _registrations[0]
+            self.adapter_layers = _adapter_layers(model)
+        if self.adapter_layers is None:
+            return None  # a module whose Python state a graph could not follow
+        if self.adapter_layers:
+            state = _adapters_state(self.adapter_layers)
+            if state != self.adapter_state:  # toggled since the last call (rare): its key, once
+                self.adapter_state, self.adapter_state_key = state, repr(state)
         # The weights' versions count in-place updates (load_state_dict) of the position table.
         versions = tuple(p._version for p in model.embeddings.parameters())
         num_tokens = layout.num_tokens
@@ -267,7 +317,7 @@ class CudaGraphRunner:
                 torch.cat(positions, out=buffers.positions[:num_tokens])
                 buffers.positions_of = (grid, versions)
             buffers.patches[:num_tokens].copy_(patches)
-            captured = self._captured(model, layout, backend, buffers)
+            captured = self._captured(model, layout, backend, buffers, self.adapter_state_key)
             self.replays += 1
             last_hidden_state = buffers.last_hidden_state[:num_tokens].clone()
             pooler_output = captured.pooler_output
@@ -319,13 +369,13 @@ class CudaGraphRunner:
             )
         return buffers
 
-    def _captured(self, model, layout: Layout, backend: str, buffers: StaticBuffers):
+    def _captured(self, model, layout: Layout, backend: str, buffers: StaticBuffers, adapter_state: str = ""):
         """The bucket's forward, run: replayed (after writing this batch's `cu_seqlens`), or captured first."""
         bucket = layout.bucket
         if not self.capture_graphs:  # the same padded forward, eagerly, with this batch's segments
             packed = bucket.packed(layout.segment_lengths, buffers.patches.device)
             return CapturedForward(None, packed, self._padded_forward(model, bucket, backend, buffers, packed))
-        key = (bucket, backend, buffers.patches.dtype, buffers.positions.dtype, buffers.patches.device)
+        key = (bucket, backend, buffers.patches.dtype, buffers.positions.dtype, buffers.patches.device, adapter_state)
         captured = self.graphs.get(key)
         if captured is None:
             captured = self._capture(model, bucket, backend, buffers, layout.segment_lengths)

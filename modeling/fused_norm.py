@@ -8,6 +8,8 @@ import threading
 import torch
 from torch import nn
 
+from .plain_modules import is_plain
+
 # Written by hand because torch has no fused "residual add + LayerNorm/RMSNorm" op, and its LayerNorm kernel moves
 # [N, 1152] bf16 at about a third of an H200's bandwidth (profile in benchmarks/RESULTS.md). One Triton program per
 # token reads the residual and the branch output once and writes both the new residual and its normalization. It
@@ -128,6 +130,15 @@ class ResidualNorm(nn.Module):
             return self.normalize(hidden_states)
         hidden_states = hidden_states + residual_delta
         return hidden_states, self.normalize(hidden_states)
+
+
+def add_and_norm(norm: nn.Module, hidden_states: torch.Tensor, delta: torch.Tensor):  # -> (sum, normed), [N, D] each
+    """(hidden_states + delta, norm(hidden_states + delta)): `norm`'s fused pass where it is one of ours with no
+    hooks; otherwise the sum, then `norm` called as any module (a wrapped or replaced norm: plain_modules.py)."""
+    if isinstance(norm, ResidualNorm) and is_plain(norm, type(norm)):
+        return norm(hidden_states, residual_delta=delta)
+    hidden_states = hidden_states + delta
+    return hidden_states, norm(hidden_states)
 
 
 class PackedLayerNorm(ResidualNorm, nn.LayerNorm):

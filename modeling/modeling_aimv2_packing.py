@@ -20,9 +20,10 @@ from .conversion_aimv2 import convert_aimv2_config, convert_aimv2_state_dict
 from .checkpoint_loading import load_pretrained  # noqa: F401
 from .attention import PackedSelfAttention, varlen_attention
 from .cuda_graphs import CudaGraphRunner  # noqa: F401
-from .fused_norm import ResidualNorm
+from .fused_norm import ResidualNorm, add_and_norm
 from .packed_model import LastHiddenStateModule, PackedEncoder, PackedVisionPreTrainedModel
 from .packing import PackedGrid
+from .plain_modules import is_plain
 from .position_embeddings import resized_position_embedding, sincos_position_embedding
 from .reference_calls import PaddedBatch, images_to_packed
 
@@ -73,9 +74,14 @@ class Aimv2PackingVisionEmbeddings(nn.Module):
         return self.embed_patches(patches) + self.positions(packed)
 
     def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        # Conv2d weight [D, C, p, p] -> [D, p*p*C] in the patches' (row, col, channel) order: no image rebuilt.
-        weight = self.patch_embed.weight.permute(0, 2, 3, 1).flatten(1)
-        hidden_states = F.linear(patches.to(weight.dtype), weight, self.patch_embed.bias)  # [N, D]
+        if is_plain(self.patch_embed, nn.Conv2d):
+            # Conv2d weight [D, C, p, p] -> [D, p*p*C] in the patches' (row, col, channel) order: no image rebuilt.
+            weight = self.patch_embed.weight.permute(0, 2, 3, 1).flatten(1)
+            hidden_states = F.linear(patches.to(weight.dtype), weight, self.patch_embed.bias)  # [N, D]
+        else:  # a wrapped patch_embed (an adapter, plain_modules.py): called on each patch as a p x p image
+            size, channels = self.config.patch_size, self.config.num_channels
+            pixels = patches.view(-1, size, size, channels).permute(0, 3, 1, 2)  # [N, C, p, p]
+            hidden_states = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(1)  # [N, D]
         return self.rms_norm(hidden_states)
 
     def positions(self, packed: PackedGrid) -> torch.Tensor:
@@ -98,7 +104,15 @@ class Aimv2PackingVisionEmbeddings(nn.Module):
                     "to resize the table."
                 )
             mode = "bicubic"  # every grid is the trained one: the resize map is the identity
-        return resized_position_embedding(self.position_embedding.weight, packed, mode)
+        return resized_position_embedding(self.position_table(), packed, mode)
+
+    def position_table(self) -> torch.Tensor:
+        """[side*side, D]: `Aimv2VisionEmbeddings` calls its `position_embedding` on every position id, so a wrapped
+        one (an adapter) is called here too; a plain one's weight is that table."""
+        if is_plain(self.position_embedding, nn.Embedding):
+            return self.position_embedding.weight
+        ids = torch.arange(self.trained_side**2, device=self.position_embedding.weight.device)
+        return self.position_embedding(ids)
 
 
 class Aimv2PackingMLP(nn.Module):
@@ -127,7 +141,7 @@ class Aimv2PackingEncoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
         attention_output = self.attention(self.rms_norm1(hidden_states), packed, backend)
-        hidden_states, normed = self.rms_norm2(hidden_states, residual_delta=attention_output)  # add + norm
+        hidden_states, normed = add_and_norm(self.rms_norm2, hidden_states, attention_output)
         return hidden_states + self.ffn(normed)
 
 

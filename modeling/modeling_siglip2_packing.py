@@ -20,9 +20,10 @@ from .conversion_siglip2 import convert_siglip2_config, convert_siglip2_state_di
 from .checkpoint_loading import load_pretrained  # noqa: F401
 from .attention import PackedSelfAttention, varlen_attention
 from .cuda_graphs import CudaGraphRunner  # noqa: F401
-from .fused_norm import PackedLayerNorm
+from .fused_norm import PackedLayerNorm, add_and_norm
 from .packed_model import LastHiddenStateModule, PackedEncoder, PackedVisionPreTrainedModel
 from .packing import PackedGrid
+from .plain_modules import is_plain
 from .position_embeddings import resized_position_embedding
 from .reference_calls import PaddedBatch, siglip2_padded_to_packed
 
@@ -46,6 +47,10 @@ class Siglip2PackingVisionEmbeddings(nn.Module):
         return resized_position_embedding(self.position_embedding.weight, packed, "bilinear")  # [N, D]
 
 
+# Where cuBLASLt's GELU epilogue is used (tests run it on the CPU too, where torch has the op as well).
+GELU_EPILOGUE_DEVICES = ("cuda",)
+
+
 class Siglip2PackingMLP(nn.Module):
     def __init__(self, config: Siglip2PackingVisionConfig):
         super().__init__()
@@ -55,13 +60,20 @@ class Siglip2PackingMLP(nn.Module):
         self.gelu_in_epilogue = config.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.gelu_in_epilogue and hidden_states.is_cuda and not torch.is_grad_enabled():
+        if self.gelu_in_epilogue_applies(hidden_states):
             # cuBLASLt applies tanh-GELU (= gelu_pytorch_tanh) in fc1's GEMM epilogue: one pass less over the
             # [N, intermediate] activations. Inference only: this op has no autograd formula.
             hidden_states = torch._addmm_activation(self.fc1.bias, hidden_states, self.fc1.weight.t(), use_gelu=True)
         else:
             hidden_states = self.activation_fn(self.fc1(hidden_states))
         return self.fc2(hidden_states)
+
+    def gelu_in_epilogue_applies(self, hidden_states: torch.Tensor) -> bool:
+        """CUDA inference, fc1 a plain `nn.Linear` (an adapter on fc1 is applied by calling fc1: plain_modules.py)."""
+        return (
+            self.gelu_in_epilogue and hidden_states.device.type in GELU_EPILOGUE_DEVICES and not torch.is_grad_enabled()
+            and is_plain(self.fc1, nn.Linear)
+        )  # fmt: skip
 
 
 class Siglip2PackingEncoderLayer(GradientCheckpointingLayer):
@@ -76,7 +88,7 @@ class Siglip2PackingEncoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
         attention_output = self.self_attn(self.layer_norm1(hidden_states), packed, backend)
-        hidden_states, normed = self.layer_norm2(hidden_states, residual_delta=attention_output)  # add + norm
+        hidden_states, normed = add_and_norm(self.layer_norm2, hidden_states, attention_output)
         return hidden_states + self.mlp(normed)
 
 
@@ -96,6 +108,16 @@ class Siglip2PackingMultiheadAttentionPoolingHead(nn.Module):
         self.num_heads = config.num_attention_heads
 
     def forward(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
+        if is_plain(self.attention, nn.MultiheadAttention):
+            pooled = self.packed_attention(hidden_states, packed, backend)
+        else:  # e.g. PEFT's LoRA on the `nn.MultiheadAttention` itself: only calling it applies the adapter
+            pooled = self.called_attention(hidden_states, packed)
+        return pooled + self.mlp(self.layernorm(pooled))  # [F, D]
+
+    def packed_attention(self, hidden_states: torch.Tensor, packed: PackedGrid, backend: str) -> torch.Tensor:
+        """`nn.MultiheadAttention`'s computation as a varlen attention over packed tokens. Its parameters are read as
+        `F.multi_head_attention_forward` reads them, `out_proj.weight` included: an adapter on `out_proj` alone
+        (PEFT's "all-linear" puts one there) is not applied by the reference either, and is not applied here."""
         num_frames, dim = packed.num_frames, hidden_states.shape[-1]
         head_dim = dim // self.num_heads
         w_q, w_k, w_v = self.attention.in_proj_weight.chunk(3)
@@ -105,8 +127,21 @@ class Siglip2PackingMultiheadAttentionPoolingHead(nn.Module):
         key = nn.functional.linear(hidden_states, w_k, b_k).view(-1, self.num_heads, head_dim)  # [N, H, Dh]
         value = nn.functional.linear(hidden_states, w_v, b_v).view(-1, self.num_heads, head_dim)
         pooled = varlen_attention(query, key, value, packed.frame_queries, packed.frames, head_dim**-0.5, backend)
-        pooled = self.attention.out_proj(pooled.reshape(num_frames, dim))  # [F, D]
-        return pooled + self.mlp(self.layernorm(pooled))
+        out_proj = self.attention.out_proj
+        return nn.functional.linear(pooled.reshape(num_frames, dim), out_proj.weight, out_proj.bias)  # [F, D]
+
+    def called_attention(self, hidden_states: torch.Tensor, packed: PackedGrid) -> torch.Tensor:
+        """The `attention` module called on all frames at once: one probe per frame over every token, each masked to
+        its own frame's tokens (device-side, so CUDA graphs can capture it). O(frames x tokens) scores: the path of
+        a wrapped module only."""
+        num_tokens, dim = hidden_states.shape
+        token_index = torch.arange(num_tokens, device=hidden_states.device, dtype=packed.frames.cu_seqlens.dtype)
+        frame_of_token = torch.searchsorted(packed.frames.cu_seqlens[1:], token_index, right=True)  # [N]
+        frame_index = torch.arange(packed.num_frames, device=hidden_states.device)
+        other_frame = frame_of_token[None, :] != frame_index[:, None]  # [F, N]: True = not attended
+        probes = self.probe.expand(1, packed.num_frames, dim)
+        tokens = hidden_states[None]  # [1, N, D]
+        return self.attention(probes, tokens, tokens, attn_mask=other_frame, need_weights=False)[0][0]  # [F, D]
 
 
 class Siglip2PackingPreTrainedModel(PackedVisionPreTrainedModel):

@@ -81,9 +81,14 @@ def check_bf16(ref_cls, ref_config, ours, grids, run_reference, backend):
     pairs = [("last_hidden_state", ours_last, last16, last32)]
     if ours.config.use_head:
         pairs.append(("pooler_output", list(out.pooler_output), pooled16, pooled32))
+    assert_bf16_contract(pairs, backend)
+
+
+def assert_bf16_contract(pairs, label: str = ""):
+    """pairs: (output name, our frames, the reference's bf16 frames, its fp32 frames): DESIGN §7's bf16 contract."""
     for name, got, ref_bf16, ref_fp32 in pairs:
         ours_err, ref_err = norm_err(got, ref_fp32), norm_err(ref_bf16, ref_fp32)
-        print(f"{backend} {name}: ours bf16 err {ours_err:.3e}, reference bf16 err {ref_err:.3e}")
+        print(f"{label} {name}: ours bf16 err {ours_err:.3e}, reference bf16 err {ref_err:.3e}")
         assert ours_err <= BF16_ERROR_RATIO * ref_err, f"{name}: {ours_err:.3e} > 1.1 x {ref_err:.3e}"
         for i, (a, b) in enumerate(zip(got, ref_fp32)):
             cos = torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()

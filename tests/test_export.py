@@ -136,6 +136,7 @@ def test_importing_a_package_instead_of_a_module_is_an_error():
 def tower_code_files(tower: str) -> list[str]:
     """The flat code files of a tower: its model and config, the shared modules, and the checkpoint loading."""
     shared = ["packing.py", "attention.py", "position_embeddings.py", "fused_norm.py", "cuda_graphs.py", "packed_model.py"]
+    shared.append("plain_modules.py")  # when a fast path may read a module's weights
     shared.append("reference_calls.py")  # the reference towers' padded calls
     return [f"modeling_{tower}_packing.py", f"configuration_{tower}_packing.py", *shared] + [
         "checkpoint_loading.py", f"conversion_{tower}.py"

@@ -83,6 +83,13 @@ def _swappable_tower(model: nn.Module, path: str, reference: nn.Module) -> tuple
 
 def packed_tower_sharing_parameters(tower: nn.Module, packed_class, config_class, convert_config) -> nn.Module:
     """The packed tower holding `tower`'s own Parameter objects (no copy), in its mode and checkpointing state."""
+    adapter_layers = [name for name, module in tower.named_modules() if type(module).__module__.startswith("peft.")]
+    if adapter_layers:
+        raise ValueError(
+            f"it holds adapter layers (PEFT: {', '.join(adapter_layers[:3])}, ...): replace the towers first, then "
+            "attach the adapters (get_peft_model / PeftModel.from_pretrained), which wrap the packed tower's layers "
+            "as they wrap transformers' (the same module names)"
+        )
     reference_config = tower.config
     # What from_pretrained does with a checkpoint (AIMv2 reads some fields off the weight names)
     config = config_class(**convert_config(reference_config.to_dict(), [name for name, _ in tower.named_parameters()]))
