@@ -35,7 +35,7 @@ import copy
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -271,22 +271,29 @@ def build_inputs(towers: Towers, images: dict[str, PIL.Image.Image]) -> list[Che
 # 3. Running: the reference frame by frame, ours packed
 # --------------------------------------------------------------------------------------------------------------
 
-# Per input: (last_hidden_state frames [h*w, D] each, pooler_output [t, D] or None)
-Outputs = tuple[list[torch.Tensor], torch.Tensor | None]
+# Per input: output name -> its frames' values ("last_hidden_state": [h*w, D] each; "pooler_output": [D] each, with a
+# head)
+Outputs = dict[str, list[torch.Tensor]]
 
 
 def reference_frame(reference, tower: Tower, patches: torch.Tensor, h: int, w: int):
-    """transformers' tower on one frame, called as its processor's output is -> (last_hidden_state [h*w, D], pooled)."""
+    """transformers' tower on one frame, called as its processor's output is -> its BaseModelOutputWithPooling."""
     if tower.name == "Siglip2":
         mask = torch.ones(1, h * w, dtype=torch.long, device=patches.device)
         shapes = torch.tensor([[h, w]], device=patches.device)
         # positional: the mask is `pixel_attention_mask` of Siglip2VisionModel, `attention_mask` of 4.57's
         # Siglip2VisionTransformer (Siglip2Model.vision_model)
-        out = reference(patches[None], mask, shapes)
-    else:
-        config = reference.config
-        out = reference(pixel_values=patches_to_image(patches, h, w, config.patch_size, config.num_channels))
-    return out.last_hidden_state[0], None if out.pooler_output is None else out.pooler_output[0]
+        return reference(patches[None], mask, shapes)
+    config = reference.config
+    return reference(pixel_values=patches_to_image(patches, h, w, config.patch_size, config.num_channels))
+
+
+def output_frames(last_hidden_state: torch.Tensor, pooler_output: torch.Tensor | None, frames: int) -> Outputs:
+    """[frames * h*w, D] and [frames, D] (or None) -> Outputs, in float32."""
+    outputs = {"last_hidden_state": list(last_hidden_state.float().view(frames, -1, last_hidden_state.shape[-1]))}
+    if pooler_output is not None:
+        outputs["pooler_output"] = list(pooler_output.float())
+    return outputs
 
 
 @torch.no_grad()
@@ -296,8 +303,8 @@ def run_reference(reference, tower: Tower, inputs: list[CheckInput], device, dty
         t, h, w = item.grid
         frames = [reference_frame(reference, tower, frame.to(device, dtype), h, w)
                   for frame in item.patches.view(t, h * w, -1)]  # fmt: skip
-        pooled = None if frames[0][1] is None else torch.stack([p for _, p in frames]).float()
-        results.append(([last.float() for last, _ in frames], pooled))
+        pooled = None if frames[0].pooler_output is None else torch.cat([out.pooler_output for out in frames])
+        results.append(output_frames(torch.cat([out.last_hidden_state[0] for out in frames]), pooled, t))
     return results
 
 
@@ -307,10 +314,10 @@ def run_packed(ours, inputs: list[CheckInput], device, dtype) -> list[Outputs]:
     patches = torch.cat([item.patches for item in inputs]).to(device, dtype)
     grid_thw = torch.tensor([item.grid for item in inputs], dtype=torch.int64)
     out = ours(patches, grid_thw)
-    last = out.last_hidden_state.float().split([math.prod(item.grid) for item in inputs])
-    pooled = [None] * len(inputs) if out.pooler_output is None else \
-        out.pooler_output.float().split([item.grid[0] for item in inputs])  # fmt: skip
-    return [(list(lh.view(item.grid[0], -1, lh.shape[-1])), p) for item, lh, p in zip(inputs, last, pooled)]
+    last = out.last_hidden_state.split([math.prod(item.grid) for item in inputs])
+    frames = [item.grid[0] for item in inputs]
+    pooled = [None] * len(inputs) if out.pooler_output is None else out.pooler_output.split(frames)
+    return [output_frames(*outputs) for outputs in zip(last, pooled, frames)]
 
 
 def run_graph_path(ours, inputs: list[CheckInput], device, dtype) -> tuple[list[Outputs], bool]:
@@ -356,25 +363,25 @@ def cosine(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 
 @dataclass
 class OutputCheck:
-    rel_err: float  # ||ours - ref_fp32|| / ||ref_fp32|| over the input's frames
-    cosine: float  # per-frame minimum, against the float32 reference
-    bound: float  # the largest rel_err allowed
+    rel_err: float  # ||ours - ref_fp32|| / ||ref_fp32|| over the frames
+    cosine: float  # the smallest per-frame cosine similarity to the float32 reference
+    bound: float | None  # the largest rel_err allowed; None: not judged on this row (bf16 / fp16 inputs, see compare)
     reference_rel_err: float | None  # bf16 / fp16: the reference's own error in that dtype (the bound is 1.1x it)
     min_cosine: float | None  # bf16 / fp16: 0.999
 
     @property
     def holds(self) -> bool:  # NaN fails both comparisons
-        return self.rel_err <= self.bound and (self.min_cosine is None or self.cosine >= self.min_cosine)
+        error_holds = self.bound is None or self.rel_err <= self.bound
+        return error_holds and (self.min_cosine is None or self.cosine >= self.min_cosine)
 
 
 def check_output(ours: list[torch.Tensor], ref32: list[torch.Tensor], ref_low: list[torch.Tensor] | None) -> OutputCheck:
-    """One output of one input against DESIGN §7: fp32 (`ref_low` None) or bf16 / fp16."""
-    err = rel_err(torch.cat(ours), torch.cat(ref32))
+    """One output over some frames against DESIGN §7: fp32 (`ref_low` None) or bf16 / fp16."""
+    err, cos = rel_err(torch.cat(ours), torch.cat(ref32)), cosine(ours, ref32)
     if ref_low is None:
-        return OutputCheck(err, cosine(ours, ref32), FP32_REL_TOL, None, None)
+        return OutputCheck(err, cos, FP32_REL_TOL, None, None)
     reference_err = rel_err(torch.cat(ref_low), torch.cat(ref32))
-    return OutputCheck(err, cosine(ours, ref32), LOW_PRECISION_ERROR_RATIO * reference_err, reference_err,
-                       LOW_PRECISION_MIN_COSINE)  # fmt: skip
+    return OutputCheck(err, cos, LOW_PRECISION_ERROR_RATIO * reference_err, reference_err, LOW_PRECISION_MIN_COSINE)
 
 
 @dataclass
@@ -382,7 +389,7 @@ class Row:
     backend: str
     graphs: bool
     input: str
-    grid: tuple[int, int, int]
+    grid: tuple[int, int, int] | None  # None: the row of all inputs together
     outputs: dict[str, OutputCheck]  # "last_hidden_state", "pooler_output" (with a head)
     note: str = ""  # why the row fails besides the numbers
 
@@ -395,20 +402,37 @@ class Row:
         return not self.note and all(check.holds for check in self.outputs.values())
 
 
-def compare(backend: str, graphs: bool, inputs, ours: list[Outputs], ref32, ref_low, note: str = "") -> list[Row]:
+ALL_INPUTS = "all inputs"
+OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
+
+
+def compare(backend: str, graphs: bool, inputs, ours: list[Outputs], ref32: list[Outputs],
+            ref_low: list[Outputs] | None, note: str = "") -> list[Row]:  # fmt: skip
+    """The rows of one packed run: one per input, and in bf16 / fp16 one of all inputs together.
+
+    bf16 / fp16: every input's frames must have cosine >= 0.999, and the error ratio (ours / the reference's own,
+    both against float32) is judged over all inputs together, as tests/test_cuda.py does: for one input it compares
+    rounding noise with rounding noise (a single pooled vector moves it by +-30% on a small tower), so a per-input
+    limit of 1.1 would fail correct towers at random. Each input's own ratio is still shown.
+    """
+    low_precision = ref_low is not None
     rows = []
     for index, item in enumerate(inputs):
-        (ours_last, ours_pooled), (ref_last, ref_pooled) = ours[index], ref32[index]
-        low_last, low_pooled = ref_low[index] if ref_low is not None else (None, None)
-        outputs = {"last_hidden_state": check_output(ours_last, ref_last, low_last)}
-        row_note = note
-        if ref_pooled is not None and ours_pooled is None:
-            row_note = "no pooler_output, but transformers' tower has a head"
-        elif ref_pooled is not None:
-            outputs["pooler_output"] = check_output(
-                list(ours_pooled), list(ref_pooled), None if low_pooled is None else list(low_pooled)
-            )
+        outputs, row_note = {}, note
+        for name, ref_frames in ref32[index].items():
+            if name not in ours[index]:
+                row_note = f"no {name}, but transformers' tower returns one"
+                continue
+            check = check_output(ours[index][name], ref_frames, ref_low[index][name] if low_precision else None)
+            outputs[name] = replace(check, bound=None) if low_precision else check
         rows.append(Row(backend, graphs, item.name, item.grid, outputs, row_note))
+    if low_precision:
+        combined = {
+            name: check_output(*([frame for per_input in side for frame in per_input[name]]
+                                 for side in (ours, ref32, ref_low)))  # fmt: skip
+            for name in ref32[0] if all(name in per_input for per_input in ours)
+        }
+        rows.append(Row(backend, graphs, ALL_INPUTS, None, combined, note))
     return rows
 
 
@@ -451,16 +475,17 @@ class Report:
 def contract_text(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return f"float32: per input ||ours - ref|| / ||ref|| <= {FP32_REL_TOL:g} (DESIGN §7)"
-    return (f"{str(dtype).removeprefix('torch.')}: per input, error vs the float32 reference <= "
-            f"{LOW_PRECISION_ERROR_RATIO} x the reference's own error in that dtype, and every frame's cosine "
-            f">= {LOW_PRECISION_MIN_COSINE} (DESIGN §7)")  # fmt: skip
+    return (f"{str(dtype).removeprefix('torch.')}: error vs the float32 reference <= {LOW_PRECISION_ERROR_RATIO} x "
+            f"the reference's own error in that dtype, over all inputs (row '{ALL_INPUTS}'), and every frame's "
+            f"cosine >= {LOW_PRECISION_MIN_COSINE} (DESIGN §7)")  # fmt: skip
 
 
 def format_output(check: OutputCheck | None, low_precision: bool) -> str:
     if check is None:
         return f"{'-':>9} {'-':>9} {'-':>10}" + (f" {'-':>9}" if low_precision else "")
     ref = f" {check.reference_rel_err:>9.2e}" if low_precision else ""
-    return f"{check.rel_err:>9.2e}{ref} {check.bound:>9.2e} {check.cosine:>10.7f}"
+    bound = "-" if check.bound is None else f"{check.bound:.2e}"
+    return f"{check.rel_err:>9.2e}{ref} {bound:>9} {check.cosine:>10.7f}"
 
 
 def print_report(report: Report) -> None:
@@ -481,8 +506,8 @@ def print_report(report: Report) -> None:
     print(f"{'':<18} {'':<22} {'':>14}  {block}  {block}")
     for row in report.rows:
         backend = row.backend + (" +graphs" if row.graphs else "")
-        grid = "({}, {}, {})".format(*row.grid)
-        outputs = [format_output(row.outputs.get(key), low_precision) for key in ("last_hidden_state", "pooler_output")]
+        grid = "-" if row.grid is None else "({}, {}, {})".format(*row.grid)
+        outputs = [format_output(row.outputs.get(name), low_precision) for name in OUTPUT_NAMES]
         verdict = "yes" if row.holds else "NO" + (f" ({row.note})" if row.note else "")
         print(f"{backend:<18} {row.input[-22:]:<22} {grid:>14}  {outputs[0]}  {outputs[1]}  {verdict}")
     failed = report.failed
