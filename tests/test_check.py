@@ -171,7 +171,8 @@ def test_a_tower_made_wrong_fails_and_names_the_rows(image_file, tmp_path, capsy
 def test_a_checkpoint_missing_a_weight_is_the_loaders_message(image_file, tmp_path, capsys):
     folder = write_checkpoint(siglip2_pair(), formats.vision_model, tmp_path / "checkpoint")
     weights = load_file(folder / "model.safetensors")
-    del weights["post_layernorm.weight"]
+    (dropped,) = [key for key in weights if key.endswith("post_layernorm.weight")]  # 4.57 saves `vision_model.`
+    del weights[dropped]
     save_file(weights, folder / "model.safetensors", {"format": "pt"})
     status, out, err, report = quick_check(folder, image_file, tmp_path, capsys)
     assert status == 2 and report is None and out == ""
