@@ -202,3 +202,42 @@ def test_options_the_cpu_cannot_run_are_refused(tmp_path, capsys):
     assert status == 2 and "--cuda-graphs" in err and "CUDA" in err
     status, _, err, _ = run_main(["--model", folder, "--attn-implementation", "varlen_attn"], tmp_path, capsys)
     assert status == 2 and "varlen_attn" in err
+
+
+@pytest.fixture
+def graph_path_on_the_cpu(monkeypatch):
+    """--cuda-graphs' wiring on the CPU: the device check let through, sdpa taken as a graph backend, and the
+    runner's padded bucket forward run eagerly (`capture_graphs=False`, how tests/test_cuda_graphs.py checks it).
+    Yields a setter: `capture(True)` makes the runner a real capturing one, which serves nothing on the CPU."""
+    from packed_vit.modeling.cuda_graphs import CudaGraphRunner
+    from packed_vit.modeling.packed_model import PackedVisionPreTrainedModel
+
+    capture_graphs = [False]
+
+    def enable_cuda_graphs(self, **kwargs):
+        self.cuda_graphs = CudaGraphRunner(**kwargs, capture_graphs=capture_graphs[0])
+        return self
+
+    monkeypatch.setattr(check, "resolve_device_and_dtype", lambda options: (torch.device("cpu"), torch.float32))
+    monkeypatch.setattr(check, "GRAPH_BACKENDS", ("sdpa",))
+    monkeypatch.setattr(PackedVisionPreTrainedModel, "enable_cuda_graphs", enable_cuda_graphs)
+    yield lambda capture: capture_graphs.__setitem__(0, capture)
+
+
+def test_cuda_graphs_adds_the_graph_path_rows(graph_path_on_the_cpu, image_file, tmp_path, capsys):
+    folder = write_checkpoint(siglip2_pair(), formats.vision_model, tmp_path / "checkpoint")
+    status, out, _, report = quick_check(folder, image_file, tmp_path, capsys, "--cuda-graphs")
+    assert status == 0, out
+    graph_rows = [row for row in report["rows"] if row["graphs"]]
+    assert len(graph_rows) == len(report["inputs"]) == len(report["rows"]) // 2
+    assert all(row["name"].startswith("sdpa+graphs/") and row["holds"] for row in graph_rows)
+
+
+def test_a_graph_path_that_did_not_run_fails(graph_path_on_the_cpu, image_file, tmp_path, capsys):
+    graph_path_on_the_cpu(True)  # a capturing runner on the CPU: every forward runs eagerly instead
+    folder = write_checkpoint(siglip2_pair(), formats.vision_model, tmp_path / "checkpoint")
+    status, out, _, report = quick_check(folder, image_file, tmp_path, capsys, "--cuda-graphs")
+    assert status == 1
+    failed = [row for row in report["rows"] if not row["holds"]]
+    assert failed and all(row["graphs"] and row["note"] == "the CUDA-graph path did not run" for row in failed)
+    assert report["failed_rows"] == [row["name"] for row in report["rows"] if row["graphs"]]
