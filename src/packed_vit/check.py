@@ -116,18 +116,27 @@ def from_transformers(model_class, model: str, revision: str | None) -> torch.nn
     return loaded
 
 
+# tower -> transformers' vision config and model, and the config fields ours shares with them
+REFERENCE_CLASSES = {
+    "Siglip2": ("Siglip2VisionConfig", "Siglip2VisionModel", conversion_siglip2.VISION_CONFIG_FIELDS),
+    "AIMv2": ("Aimv2VisionConfig", "Aimv2VisionModel", conversion_aimv2.VISION_CONFIG_FIELDS),
+}
+# config model_type -> (the checkpoint, in words; the transformers class that reads it; its vision tower's attribute)
+TRANSFORMERS_READS = {
+    "siglip2": ("full Siglip2Model (model_type siglip2)", "Siglip2Model", "vision_model"),
+    "siglip2_vision_model": ("transformers Siglip2VisionModel", "Siglip2VisionModel", None),
+    "aimv2_vision_model": ("transformers Aimv2VisionModel", "Aimv2VisionModel", None),
+}
+# model_type aimv2 is also Apple's original layouts: this entry only when the keys are transformers'
+AIMV2_MODEL = ("transformers Aimv2Model", "Aimv2Model", "vision_model")
+
+
 def reference_from_weights(tower: Tower, ours: torch.nn.Module) -> torch.nn.Module:
     """transformers' tower built from our (converted) config, holding our (converted) weights."""
-    if tower.name == "Siglip2":
-        config_class, model_class, fields = (
-            transformers.Siglip2VisionConfig, transformers.Siglip2VisionModel, conversion_siglip2.VISION_CONFIG_FIELDS
-        )  # fmt: skip
-    else:
-        config_class, model_class, fields = (
-            transformers.Aimv2VisionConfig, transformers.Aimv2VisionModel, conversion_aimv2.VISION_CONFIG_FIELDS
-        )  # fmt: skip
-    config = config_class(**config_fields(ours.config.to_dict(), fields), attn_implementation="sdpa")
-    reference = model_class(config)
+    config_class, model_class, fields = REFERENCE_CLASSES[tower.name]
+    config = getattr(transformers, config_class)(**config_fields(ours.config.to_dict(), fields),
+                                                 attn_implementation="sdpa")  # fmt: skip
+    reference = getattr(transformers, model_class)(config)
     state_dict = ours.state_dict()
     if next(iter(reference.state_dict())).startswith("vision_model."):  # transformers 4.x keeps the tower there
         state_dict = {f"vision_model.{key}": tensor for key, tensor in state_dict.items()}
@@ -138,29 +147,25 @@ def reference_from_weights(tower: Tower, ours: torch.nn.Module) -> torch.nn.Modu
 def load_reference(tower: Tower, config: dict, ours, model: str, revision: str | None) -> tuple[str, str, object]:
     """-> (the checkpoint's format in words, how the reference was loaded in words, transformers' tower)."""
     model_type = config.get("model_type")
-    own = "transformers' own from_pretrained"
-    if model_type == "siglip2":
-        return "full Siglip2Model (model_type siglip2)", f"{own}: Siglip2Model.vision_model", \
-            from_transformers(transformers.Siglip2Model, model, revision).vision_model  # fmt: skip
-    if model_type == "siglip2_vision_model":
-        return "transformers Siglip2VisionModel", f"{own}: Siglip2VisionModel", \
-            from_transformers(transformers.Siglip2VisionModel, model, revision)  # fmt: skip
-    if model_type == "aimv2_vision_model":
-        return "transformers Aimv2VisionModel", f"{own}: Aimv2VisionModel", \
-            from_transformers(transformers.Aimv2VisionModel, model, revision)  # fmt: skip
+    readable = TRANSFORMERS_READS.get(model_type)
+    checkpoint, why = "packed-vit's own save / export", "transformers cannot read this project's format"
     if model_type == "aimv2":  # transformers' Aimv2Model or one of Apple's original layouts: the keys tell
-        keys = CheckpointSource(model, hub_kwargs={"revision": revision, "local_files_only": hub_offline()})
-        checkpoint_format = detect_format(conversion_aimv2.FORMATS, keys.read_state_dict(None, torch.device("cpu")),
-                                          "AIMv2")  # fmt: skip
+        source = CheckpointSource(model, hub_kwargs={"revision": revision, "local_files_only": hub_offline()})
+        keys = source.read_state_dict(None, torch.device("cpu"))
+        checkpoint_format = detect_format(conversion_aimv2.FORMATS, keys, "AIMv2")
         if checkpoint_format.marker == conversion_aimv2.CANONICAL_MARKER:
-            return "transformers Aimv2Model", f"{own}: Aimv2Model.vision_model", \
-                from_transformers(transformers.Aimv2Model, model, revision).vision_model  # fmt: skip
+            readable = AIMV2_MODEL
         checkpoint, why = checkpoint_format.name, "transformers cannot read Apple's original layout"
-    else:
-        checkpoint, why = "packed-vit's own save / export", "transformers cannot read this project's format"
-    reference = reference_from_weights(tower, ours)
-    return checkpoint, f"transformers' {type(reference).__name__} holding packed-vit's converted weights ({why})", \
-        reference  # fmt: skip
+    if readable is None:
+        reference = reference_from_weights(tower, ours)
+        return checkpoint, f"transformers' {type(reference).__name__} holding packed-vit's converted weights ({why})", \
+            reference  # fmt: skip
+    checkpoint, class_name, tower_attribute = readable
+    loaded = from_transformers(getattr(transformers, class_name), model, revision)
+    if tower_attribute is None:
+        return checkpoint, f"transformers' own from_pretrained: {class_name}", loaded
+    return checkpoint, f"transformers' own from_pretrained: {class_name}.{tower_attribute}", \
+        getattr(loaded, tower_attribute)  # fmt: skip
 
 
 def load_towers(options: CheckOptions, device: torch.device) -> Towers:
