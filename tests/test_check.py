@@ -186,13 +186,16 @@ def test_unknown_checkpoint_format_is_a_clear_message(tmp_path, capsys):
     assert status == 2 and "Unknown checkpoint model_type 'bert'" in err
 
 
-def test_missing_folder_and_unreadable_image_are_clear_messages(tmp_path, capsys):
+def test_missing_folder_unreadable_image_and_damaged_weights_are_clear_messages(tmp_path, capsys):
     status, _, err, _ = run_main(["--model", tmp_path / "absent"], tmp_path, capsys)
     assert status == 2 and str(tmp_path / "absent") in err
     folder = write_checkpoint(siglip2_pair(), formats.vision_model, tmp_path / "checkpoint")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     status, _, err, _ = run_main(["--model", folder, "--images", tmp_path / "broken.png"], tmp_path, capsys)
     assert status == 2 and "cannot read image" in err and "broken.png" in err
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    status, _, err, _ = run_main(["--model", folder], tmp_path, capsys)
+    assert status == 2 and "cannot read its weights" in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")

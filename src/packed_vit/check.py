@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import math
+import pickle
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,6 +44,7 @@ import PIL.Image
 import torch
 import transformers
 from packaging.version import Version
+from safetensors import SafetensorError
 
 from . import __version__
 from .demo import patches_to_image, quiet_libraries
@@ -361,9 +363,10 @@ def backends_to_check(requested: str | None, device: torch.device, dtype: torch.
 
 
 def cosine(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    """The smallest per-frame cosine similarity of the flattened outputs."""
-    return min(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
-               for a, b in zip(ours, ref, strict=True))  # fmt: skip
+    """The smallest per-frame cosine similarity of the flattened outputs (NaN if any is: torch's min keeps NaN)."""
+    cosines = [torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0)
+               for a, b in zip(ours, ref, strict=True)]  # fmt: skip
+    return torch.stack(cosines).min().item()
 
 
 @dataclass
@@ -510,7 +513,7 @@ def print_report(report: Report) -> None:
           f"{'pooler_output':^{width}}  ok")  # fmt: skip
     print(f"{'':<18} {'':<22} {'':>14}  {block}  {block}")
     for row in report.rows:
-        backend = row.backend + (" +graphs" if row.graphs else "")
+        backend = row.backend + ("+graphs" if row.graphs else "")
         grid = "-" if row.grid is None else "({}, {}, {})".format(*row.grid)
         outputs = [format_output(row.outputs.get(name), low_precision) for name in OUTPUT_NAMES]
         verdict = "yes" if row.holds else "NO" + (f" ({row.note})" if row.note else "")
@@ -544,7 +547,10 @@ def check(options: CheckOptions) -> Report:
     """Runs the check (see the module docstring); CannotCheck / the loaders' errors when it cannot run."""
     device, dtype = resolve_device_and_dtype(options)
     backends = backends_to_check(options.attn_implementation, device, dtype)
-    towers = load_towers(options, device)
+    try:
+        towers = load_towers(options, device)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError) as error:  # a damaged weights file, as its reader says
+        raise CannotCheck(f"cannot read its weights: {error}") from error
     images = user_images(options.images) if options.images else builtin_images()
     inputs = build_inputs(towers, images)
     not_compared = [f"{item.name} {item.grid}: transformers {transformers.__version__}'s CPU reference resizes "
@@ -606,5 +612,9 @@ def run_check(options: CheckOptions) -> int:
         return EXIT_CANNOT_CHECK
     print_report(report)
     if options.json_path is not None:
-        options.json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        try:
+            options.json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        except OSError as error:
+            print(f"packed-vit check: cannot write --json {options.json_path}: {error}", file=sys.stderr)
+            return EXIT_CANNOT_CHECK
     return EXIT_FAIL if report.failed else EXIT_PASS
