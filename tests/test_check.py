@@ -21,10 +21,11 @@ from safetensors.torch import load_file, save_file
 from packed_vit import check
 from packed_vit.cli import main
 
+# DESIGN §4's formats (sharded and pickle files are the same formats, read by the same loaders: tests/test_loading.py)
 SIGLIP2_FORMATS = [formats.siglip2_full_model, formats.vision_model, formats.vision_model_prefixed,
-                   formats.packed_round_trip]  # fmt: skip
+                   formats.packed_round_trip, formats.exported_remote_code]  # fmt: skip
 AIMV2_FORMATS = [formats.vision_model, formats.aimv2_lit_model, formats.apple_original, formats.apple_original_lit,
-                 formats.packed_round_trip]  # fmt: skip
+                 formats.packed_round_trip, formats.exported_remote_code]  # fmt: skip
 # The formats transformers' from_pretrained reads: there the reference is loaded by transformers itself.
 TRANSFORMERS_FORMATS = (formats.siglip2_full_model, formats.vision_model, formats.vision_model_prefixed,
                         formats.aimv2_lit_model)  # fmt: skip
