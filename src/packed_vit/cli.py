@@ -4,9 +4,11 @@
                       [--workers K] [--preprocess auto|cpu|gpu] [--device D] [--dtype T] [--max-tokens N]
                       [--patch-features] [--revision R] [--attn-implementation A]
     torchrun --nproc_per_node N -m packed_vit encode ... --out DIR
+    packed-vit check --model PATH_OR_REPO [--revision R] [--images FILES_OR_DIRS...] [--device D] [--dtype T]
+                     [--attn-implementation A] [--cuda-graphs] [--max-num-patches N] [--json FILE]
     packed-vit demo
 
-`encode`: see packed_vit.encode; `demo`: see packed_vit.demo.
+`encode`: see packed_vit.encode; `check`: see packed_vit.check; `demo`: see packed_vit.demo.
 """
 
 from __future__ import annotations
@@ -79,6 +81,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     encode.add_argument("--attn-implementation", help="attention backend (default: the fastest available)")
     encode.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    check = commands.add_parser(
+        "check",
+        help="does the packed tower give transformers' numbers on your checkpoint, device and dtype?",
+        description="Runs images and random edge-case grids through transformers' own tower (image by image) and "
+        "the packed tower (one packed forward) with the same weights, per attention backend, and checks every "
+        "row against DESIGN §7. Exit status: 0 every row holds, 1 some row does not (named), 2 the check could "
+        "not run (the loader's message).",
+    )
+    check.add_argument("--model", required=True, metavar="PATH_OR_REPO",
+                       help="checkpoint folder or Hub id, in any format the towers load")  # fmt: skip
+    check.add_argument("--revision", help="revision of a Hub --model")
+    check.add_argument("--images", nargs="+", default=[], metavar="FILES_OR_DIRS",
+                       help="image files or folders (default: six built-in synthetic photo-like images of mixed "
+                            "sizes)")  # fmt: skip
+    check.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    check.add_argument("--dtype", choices=DTYPES, help="dtype of the checked run (default: bfloat16 on CUDA, "
+                       "float32 otherwise); bf16 / fp16 are judged against a float32 reference")  # fmt: skip
+    check.add_argument("--attn-implementation", help="check this backend only (default: every one available)")
+    check.add_argument("--cuda-graphs", action="store_true",
+                       help="also check the CUDA-graph path (model.enable_cuda_graphs())")  # fmt: skip
+    check.add_argument("--max-num-patches", type=positive_int,
+                       help="the processor's patch budget per image (default: the checkpoint's setting)")  # fmt: skip
+    check.add_argument("--json", type=Path, dest="json_path", metavar="FILE", help="also write the report as JSON")
+
     commands.add_parser(
         "demo",
         help="the embedded default: random original-format checkpoints -> export -> remote code -> photos",
@@ -107,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # From the command line, start-up counts from the process start (interpreter and imports included).
         return run_encode(args, process_start_time() if argv is None else None)
+    if args.command == "check":
+        from .check import CheckOptions, run_check
+
+        options = {name: value for name, value in vars(args).items() if name != "command"}
+        return run_check(CheckOptions(**options))
     from .demo import run_demo  # imports skimage and transformers' reference towers only for the demo
 
     return run_demo()
