@@ -186,6 +186,59 @@ def test_replacing_again_changes_nothing():
     assert list(model.modules()) == modules
 
 
+def test_cuda_graphs_option_enables_the_graphs_of_every_packed_tower_and_on_the_cpu_changes_nothing():
+    # On the CPU the runner is attached but never replays (graphs need CUDA): the same logits, eagerly.
+    original, replaced = small_lfm2_vl(), small_lfm2_vl()
+    assert replace_vision_towers(replaced, cuda_graphs=True) == 1
+    runner = vision_tower_of(replaced).cuda_graphs
+    assert runner is not None and runner.max_tokens == 16384  # enable_cuda_graphs()' defaults
+    inputs = dict(input_ids=prompt_with_images(), **padded_images())
+    with torch.no_grad():
+        error = rel_err(replaced(**inputs).logits, original(**inputs).logits)
+    assert error <= FP32_REL_TOL, f"logits rel err {error:.2e}"
+    assert runner.replays == 0 and not runner.graphs
+
+    # Again: nothing to replace, the runner (and whatever it captured) kept; a tower swapped before gets one.
+    assert replace_vision_towers(replaced, cuda_graphs=True) == 0
+    assert vision_tower_of(replaced).cuda_graphs is runner
+    earlier = small_lfm2_vl()
+    replace_vision_towers(earlier)
+    assert vision_tower_of(earlier).cuda_graphs is None
+    assert replace_vision_towers(earlier, cuda_graphs=True) == 0
+    assert vision_tower_of(earlier).cuda_graphs is not None
+
+
+def test_cuda_graphs_option_must_be_a_bool_and_a_wrong_one_changes_nothing():
+    model = small_lfm2_vl()
+    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+        replace_vision_towers(model, cuda_graphs="yes")
+    assert type(vision_tower_of(model)).__name__ == "Siglip2VisionModel"
+
+
+GRAPH_MIN_COSINE = 0.999  # tests/test_cuda.py's bound for a replayed bf16 forward against the eager one
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_option_replays_the_tower_in_a_bf16_prefill_on_cuda():
+    model = small_lfm2_vl().cuda().bfloat16()
+    replace_vision_towers(model, cuda_graphs=True)
+    tower = vision_tower_of(model)
+    inputs = {k: v.cuda() for k, v in dict(input_ids=prompt_with_images(), **padded_images()).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    vision = {k: inputs[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+    with torch.no_grad():
+        replayed_logits = model(**inputs).logits.float()
+        replayed = tower(**vision).last_hidden_state.float()
+        runner, tower.cuda_graphs = tower.cuda_graphs, None
+        eager_logits = model(**inputs).logits.float()
+        eager = tower(**vision).last_hidden_state.float()
+    assert runner.replays == 2 and len(runner.graphs) == 1  # the prefill's tower call and the direct one
+    real = inputs["pixel_attention_mask"] > 0
+    for name, a, b in (("tower tokens", replayed[real], eager[real]), ("logits", replayed_logits, eager_logits)):
+        cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+        assert cos >= GRAPH_MIN_COSINE, f"{name}: cosine {cos:.5f}"
+
+
 def test_every_tower_of_a_model_is_replaced_and_computes_the_same():
     # Both kinds of tower side by side in one container; each called as its client calls it.
     siglip2, _ = siglip2_pair()
