@@ -33,6 +33,8 @@ process, does not count. The reference gets its friendliest inputs: `spatial_sha
 image by image). Useful FLOPs count the real tokens' work only (`useful_flops`), the same number for both sides.
 
 The package need not be installed: without it, `packed_vit` is imported from this checkout (setup.py's mapping).
+Here: what is measured (towers, workloads, sweep, latency), the batches, the models and each measurement; the timers
+are measure.py's (shared with bench_vlm.py and probes/), the files and tables report.py's.
 """
 
 from __future__ import annotations
