@@ -30,3 +30,10 @@ def test_timing_takes_more_rounds_within_its_budget_and_stops_at_the_maximum(mon
     monkeypatch.setattr(demo, "TIMING_BUDGET_S", 1e9)
     medians, rounds = demo.interleaved_median_seconds({"a": lambda: None})
     assert rounds == demo.MAX_ROUNDS and medians["a"] >= 0
+
+
+def test_timing_skips_the_warm_up_of_a_run_that_is_warm_already(monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "TIMING_BUDGET_S", 0.0)
+    demo.interleaved_median_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warm=("b",))
+    assert calls == ["a"] + ["a", "b"] * demo.MIN_ROUNDS

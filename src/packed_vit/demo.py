@@ -17,10 +17,11 @@ The exported folders are loaded and run in a fresh process that imports packed_v
 that runs is the folders' own (as for a user without packed-vit), not the installed package's.
 The run fails (exit 1) if any cosine similarity is below `MIN_COSINE`, or the reference saw another patch grid.
 
-Then both sides are timed as benchmarks/ times them: model calls only (inputs preprocessed before), warm-up calls
-first, then rounds calling each side once (interleaved, so a busy machine slows both alike), the median. Ours:
-the packed tower (the installed package's code, which the export copied) on the exported weights, in the forwards
-the encode job made; transformers: its tower image by image. The demo prints what such numbers can say (little:
+Then both sides are timed as benchmarks/ times them: model calls only (inputs preprocessed before), warm
+(transformers' tower just ran for the check; ours gets a warm-up call), then rounds calling each side once
+(interleaved, so a busy machine slows both alike), the median. Ours: the packed tower (the installed package's
+code, which the export copied) on the exported weights, on the images of the encode job's first forward, in one
+forward; transformers: its tower on those images one by one. The demo prints what such numbers can say (little:
 tiny towers on a CPU) and where the GPU results are.
 
 The towers are small (random weights, a few layers) so that the demo takes well under a minute on a 2-core CPU, with
@@ -271,12 +272,15 @@ def compare(tower: DemoTower, embeddings: Embeddings, classes: list[str], refere
     return passed
 
 
-def interleaved_median_seconds(runs: dict[str, Callable[[], object]]) -> tuple[dict[str, float], int]:
-    """(median seconds of each run, rounds timed): `WARMUP_CALLS` calls of each, then rounds calling each once in
-    turn (see MIN_ROUNDS). benchmarks/measure.py's method on the host clock (the package cannot import
-    benchmarks/), interleaved because a shared CPU's speed drifts: both sides see the same drift."""
-    for run in runs.values():
-        for _ in range(WARMUP_CALLS):
+def interleaved_median_seconds(
+    runs: dict[str, Callable[[], object]], warm: tuple[str, ...] = ()
+) -> tuple[dict[str, float], int]:
+    """(median seconds of each run, rounds timed): `WARMUP_CALLS` calls of each run not named in `warm` (those ran
+    just before), then rounds calling each once in turn (see MIN_ROUNDS). benchmarks/measure.py's method on the host
+    clock (the package cannot import benchmarks/), interleaved because a shared CPU's speed drifts: both sides see
+    the same drift."""
+    for name, run in runs.items():
+        for _ in range(0 if name in warm else WARMUP_CALLS):
             run()
     seconds = {name: [] for name in runs}
     start_timing = time.perf_counter()
@@ -292,31 +296,33 @@ def interleaved_median_seconds(runs: dict[str, Callable[[], object]]) -> tuple[d
 
 @torch.no_grad()
 def time_both(tower: DemoTower, exported: Path, embeddings: Embeddings, reference: Reference, photos: dict) -> None:
-    """Prints the medians of warm, interleaved model calls: ours packed in the encode job's forwards, transformers
-    image by image. Inputs are preprocessed before (the encode job's reading and preprocessing is its own line)."""
+    """Prints the medians of warm, interleaved model calls on the images of the encode job's first forward: ours
+    packed in that forward, transformers image by image. The first forward only, so that the timing costs a few
+    calls of one forward's work (all six photos for Siglip2, two for AIMv2-native's larger grids), not of the job's.
+    Inputs are preprocessed before (the encode job's reading and preprocessing is its own line)."""
     model = tower.model_class.from_pretrained(exported).eval()
     processor = tower.processor_class.from_pretrained(exported)
-    images, forwards = list(photos.values()), []
-    for size in embeddings.batch_sizes:  # the same images per forward as the encode job, in order
-        forwards.append(processor(images[:size], return_tensors="pt"))
-        images = images[size:]
-    reference_inputs = [reference.prepare(image) for image in photos.values()]
+    images = list(photos.values())[: embeddings.batch_sizes[0]]
+    packed_inputs = processor(images, return_tensors="pt")
+    reference_inputs = [reference.prepare(image) for image in images]
+    # compare() ran transformers on every photo just before: its warm-up; ours is a fresh model here
     medians, rounds = interleaved_median_seconds({
-        "packed": lambda: [model(inputs["pixel_values"], inputs["grid_thw"]) for inputs in forwards],
+        "packed": lambda: model(packed_inputs["pixel_values"], packed_inputs["grid_thw"]),
         "transformers": lambda: [reference.run(inputs) for inputs in reference_inputs],
-    })  # fmt: skip
-    count, patches = len(photos), sum(embeddings.batch_tokens)
-    print(f"  model time, median of {rounds} interleaved calls after {WARMUP_CALLS} warm-up call each:")
-    print(f"    packed, {len(forwards)} forward{'s' * (len(forwards) != 1)} of {embeddings.batch_sizes} images "
-          f"({patches} patches, token budget {DEMO_MAX_TOKENS}): {medians['packed'] * 1e3:.1f} ms "
+    }, warm=("transformers",))  # fmt: skip
+    count, patches = len(images), embeddings.batch_tokens[0]
+    print(f"  model time, median of {rounds} interleaved calls of each, warm, on the encode job's first forward:")
+    print(f"    packed, one forward of {count} images ({patches} patches): {medians['packed'] * 1e3:.1f} ms "
           f"= {count / medians['packed']:.1f} images/s")  # fmt: skip
     masks = [inputs["pixel_attention_mask"] for inputs in reference_inputs if "pixel_attention_mask" in inputs]
     padding = f", {sum(int((m == 0).sum()) for m in masks)} padding patches computed" if masks else ""
     print(f"    transformers, image by image{padding}: {medians['transformers'] * 1e3:.1f} ms "
           f"= {count / medians['transformers']:.1f} images/s "
           f"(packed / transformers: {medians['transformers'] / medians['packed']:.2f}x)")  # fmt: skip
-    print(f"  encode job in the fresh process (one cold pass, with reading and preprocessing): "
-          f"{embeddings.total_seconds:.2f} s")  # fmt: skip
+    forwards = len(embeddings.batch_sizes)
+    print(f"  encode job in the fresh process, all {len(photos)} photos in {forwards} forward{'s' * (forwards != 1)} "
+          f"of {embeddings.batch_sizes} images (token budget {DEMO_MAX_TOKENS}), one cold pass with reading and "
+          f"preprocessing: {embeddings.total_seconds:.2f} s")  # fmt: skip
 
 
 def print_what_the_timings_mean() -> None:
