@@ -33,6 +33,8 @@ process, does not count. The reference gets its friendliest inputs: `spatial_sha
 image by image). Useful FLOPs count the real tokens' work only (`useful_flops`), the same number for both sides.
 
 The package need not be installed: without it, `packed_vit` is imported from this checkout (setup.py's mapping).
+Here: what is measured (towers, workloads, sweep, latency), the batches, the models and each measurement; the timers
+are measure.py's (shared with bench_vlm.py and probes/), the files and tables report.py's.
 """
 
 from __future__ import annotations
@@ -41,43 +43,27 @@ import argparse
 import dataclasses
 import functools
 import gc
-import importlib.util
 import json
 import platform
-import re
 import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import transformers
 from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfig, Siglip2VisionModel
 
-ROOT = Path(__file__).resolve().parents[1]
-GIB = 2**30
-
-
-def import_packed_vit():
-    """The installed `packed_vit`, or, where it is not installed, the one of this checkout, mapped as setup.py does."""
-    try:
-        import packed_vit
-    except ImportError:
-        # `packed_vit.modeling` etc. live at the checkout's top level: searching ROOT for submodules finds them.
-        spec = importlib.util.spec_from_file_location(
-            "packed_vit",
-            ROOT / "src" / "packed_vit" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "src" / "packed_vit"), str(ROOT)],
-        )
-        packed_vit = importlib.util.module_from_spec(spec)
-        sys.modules["packed_vit"] = packed_vit
-        spec.loader.exec_module(packed_vit)
-    return packed_vit
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # measure.py, report.py, also when loaded by path (tests)
+from measure import (  # noqa: E402
+    GIB, ROOT, device_name, gpu_kernel_ms, host_sync_check, import_packed_vit, peak_memory_gib, time_ms,
+    unless_out_of_memory,
+)  # fmt: skip
+from report import (  # noqa: E402
+    CEILING, MEM_RATIO, SPEEDUP, fmt, log, print_table, write_results_md, write_scaling_plot,
+)  # fmt: skip
 
 packed_vit = import_packed_vit()
 
@@ -172,7 +158,6 @@ class Workload:
         return f"{cls} (sdpa), {how}"
 
 
-SPEEDUP, CEILING, MEM_RATIO = "speedup_vs_reference", "pct_of_matmul_ceiling", "peak_mem_ratio_vs_reference"
 W1 = Workload(
     "W1", "siglip2_so400m", 64, (8, 64), 1024, "padded",
     goals=((SPEEDUP, ">=", 3.0), (CEILING, ">=", 65.0), (MEM_RATIO, "<=", 0.7)),
@@ -416,51 +401,8 @@ def build_pair(tower: Tower, settings: Settings) -> Pair:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Measuring
+# Measuring (the timers are measure.py's)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def time_ms(run: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> list[float]:
-    """Milliseconds of `repeats` calls after `warmup` calls: CUDA events on the GPU, the host clock on the CPU."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start_s = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - start_s) * 1e3)
-    return times
-
-
-def peak_memory_gib(run: Callable[[], object], resident_bytes: int, device: torch.device) -> float | None:
-    """GiB one side needs alone: `resident_bytes` (its weights and inputs) + the most one call allocates on top."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before + resident_bytes) / GIB
-
-
-def unless_out_of_memory(measure: Callable[[], object]):
-    """`measure()`, or None when the GPU runs out of memory, with that memory given back."""
-    try:
-        return measure()
-    except torch.cuda.OutOfMemoryError:
-        pass  # leaving the except block drops the traceback, and with it the frames holding the tensors
-    gc.collect()
-    torch.cuda.empty_cache()
-    return None
 
 
 def measure_side(run, repeats: int, resident_bytes: int, settings: Settings) -> dict:
@@ -482,43 +424,6 @@ def matmul_tflops(settings: Settings) -> float:
     b = torch.randn(n, n, device=settings.device, dtype=torch.bfloat16)
     times = time_ms(lambda: torch.matmul(a, b), max(settings.repeats, 20), 20, settings.device)
     return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
-
-
-def host_sync_check(run: Callable[[], object], device: torch.device) -> tuple[bool | None, str]:
-    """(passed, detail): one call of `run` under `torch.cuda.set_sync_debug_mode("error")`, which raises on any
-    synchronizing CUDA call (a `.item()`, a blocking copy, ...). None on the CPU, where there is nothing to check."""
-    if device.type != "cuda":
-        return None, "not checked: no CUDA device"
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    except RuntimeError as error:
-        if "synchroniz" not in str(error):  # a failure of another kind is a bug to see, not a sync
-            raise
-        return False, str(error).strip().splitlines()[0]
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    return True, "no synchronizing CUDA call"
-
-
-def gpu_kernel_ms(run: Callable[[], object], repeats: int, device: torch.device) -> float | None:
-    """Milliseconds the GPU spends in kernels (and copies) per call, from the profiler: the floor a call's latency
-    could reach if nothing waited for the host. None on the CPU."""
-    if device.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
-        for _ in range(repeats):
-            run()
-        torch.cuda.synchronize()
-    # self time: each kernel counted once, under the op that launched it
-    self_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in profiler.key_averages())
-    return self_us / 1e3 / repeats
 
 
 def min_image_cosine(ours_tokens: torch.Tensor, reference_tokens: torch.Tensor, image_tokens: list[int]) -> float:
@@ -736,228 +641,6 @@ def run_sweep(sweep: Sweep, pair: Pair, settings: Settings, generator) -> list[d
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Outputs: results.json, RESULTS.md, scaling.png, the console table
-# --------------------------------------------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def fmt(value, spec: str, missing: str = "n/a") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def goal_text(goals: list[dict]) -> str:
-    names = {SPEEDUP: "speedup", CEILING: "ceiling", MEM_RATIO: "mem"}
-    units = {SPEEDUP: "x", CEILING: "%", MEM_RATIO: "x"}
-    return ", ".join(f"{names[g['metric']]} {g['op']} {g['threshold']:g}{units[g['metric']]}" for g in goals)
-
-
-def verdict(met: bool | None) -> str:
-    return {True: "yes", False: "NO", None: "n/a"}[met]
-
-
-def missing(record: dict, side: str) -> str:
-    """What stands in for a side's missing number: it ran out of memory, or there is no such number here."""
-    return "OOM" if record[f"{side}_out_of_memory"] else "n/a"
-
-
-def workload_rows(results: dict) -> list[list[str]]:
-    rows = []
-    for r in results["workloads"].values():
-        rows.append([
-            r["id"], fmt(r["ours_ms"], ".2f", missing(r, "ours")),
-            fmt(r["reference_ms"], ".2f", missing(r, "reference")), fmt(r[SPEEDUP], ".2f") + "x",
-            fmt(r["useful_tflops"], ".1f"), fmt(r["pct_of_matmul_ceiling"], ".1f"),
-            f"{fmt(r['peak_mem_gib_ours'], '.2f')} / {fmt(r['peak_mem_gib_reference'], '.2f')}",
-            fmt(r["peak_mem_ratio_vs_reference"], ".2f"), goal_text(r["goals"]), verdict(r["met"]),
-        ])  # fmt: skip
-    return rows
-
-
-WORKLOAD_HEADER = [
-    "workload", "ours ms", "ref ms", "speedup", "useful TFLOP/s", "% of ceiling", "peak mem ours / ref GiB", "ratio",
-    "goal", "met?",
-]  # fmt: skip
-SWEEP_HEADER = [
-    "tokens", "images", "ours ms", "ours + graphs ms", "ref ms", "ours tok/s", "ref tok/s", "ours GiB", "ref GiB"
-]  # fmt: skip
-LATENCY_HEADER = [
-    "images x patches", "ours ms", "ours + graphs ms", "ref ms", "GPU kernel ms (ours)", "one graph replay ms",
-    "graphs / kernel", "speedup (graphs)", "min cosine graphs vs eager", "goal met?",
-]  # fmt: skip
-
-
-def latency_rows(results: dict) -> list[list[str]]:
-    return [
-        [
-            f"{r['images']} x {r['patches']}", fmt(r["ours_ms"], ".2f"),
-            fmt(r["ours_graphs_ms"], ".2f") + ("" if r["graphs_replayed"] else " (eager)"),
-            fmt(r["reference_ms"], ".2f"),
-            fmt(r["kernel_ms"], ".2f"), fmt(r["graph_replay_ms"], ".2f"), fmt(r["graphs_over_kernel"], ".2f"),
-            fmt(r[SPEEDUP], ".2f") + "x", fmt(r["min_image_cosine_graphs_vs_eager"], ".5f"), verdict(r["met"]),
-        ]
-        for r in results["latency"]
-    ]  # fmt: skip
-
-
-def sweep_rows(results: dict) -> list[list[str]]:
-    rows = []
-    for p in results["token_sweep"]:
-        ours, ref = missing(p, "ours"), missing(p, "reference")
-        rows.append([
-            str(p["tokens"]), str(p["images"]), fmt(p["ours_ms"], ".2f", ours),
-            fmt(p["ours_graphs_ms"], ".2f", ours) + ("" if p["ours_graphs_replayed"] else " (eager)"),
-            fmt(p["reference_ms"], ".2f", ref),
-            fmt(p["ours_tokens_per_s"], ".3g", ours), fmt(p["reference_tokens_per_s"], ".3g", ref),
-            fmt(p["ours_peak_gib"], ".2f", ours), fmt(p["reference_peak_gib"], ".2f", ref),
-        ])  # fmt: skip
-    return rows
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def host_sync_summary(results: dict) -> str:
-    checked = {r["id"]: r["host_sync_free"] for r in results["workloads"].values() if r["host_sync_free"] is not None}
-    if not checked:
-        return "not checked (no CUDA device, or no forward workload run)"
-    failed = [k for k, ok in checked.items() if not ok]
-    details = "; ".join(f"{k}: {results['workloads'][k]['host_sync_detail']}" for k in failed)
-    return f"pass ({', '.join(checked)})" if not failed else f"FAIL ({details})"
-
-
-def existing_notes(path: Path) -> str:
-    """The hand-written "## Notes" section of an existing RESULTS.md, from its heading to the end ("" if none)."""
-    text = path.read_text() if path.exists() else ""
-    match = re.search(r"^## Notes[ \t]*$", text, flags=re.MULTILINE)
-    return text[match.start() :] if match else ""
-
-
-def write_results_md(results: dict, path: Path, plot_written: bool) -> None:
-    env = results["environment"]
-    lines = ["# Benchmark results", ""]
-    if env["smoke"]:
-        lines += ["**Smoke run: tiny configs, a few tokens. These numbers say nothing about performance.**", ""]
-    lines += [
-        "Generated by `benchmarks/bench.py` (its docstring says what is measured and how). Everything above",
-        '"## Notes" is regenerated on every run; the Notes section is kept.',
-        "",
-        f"- Command: `{env['command']}`",
-        f"- Device: {env['device']}; torch {env['torch']}; transformers {env['transformers']}; "
-        f"our attention backend: {env['backend']}; torch.compile: {'yes' if env['compile'] else 'no'}",
-        f"- Matmul ceiling (bf16 {env['matmul_size']}^3, torch.matmul, median): "
-        f"{results['matmul_ceiling_tflops']:.1f} TFLOP/s (again at the end of the run: "
-        f"{results['matmul_tflops_end']:.1f})",
-        f"- No host sync in our forward with a CPU grid_thw: {host_sync_summary(results)}",
-        f"- All goals met: {verdict(results['all_goals_met'])}",
-        f"- Timing: median of {env['repeats']} calls after {env['warmup']} warm-up calls "
-        f"(W4's per-image reference: at most {PER_IMAGE_REPEATS}); random bf16 data, random-init weights",
-        "",
-    ]
-    if results["workloads"]:
-        lines += markdown_table(WORKLOAD_HEADER, workload_rows(results)) + [""]
-        for r in results["workloads"].values():
-            lines.append(
-                f"- {r['id']}: {r['description']}; {r['tokens']} tokens (reference computes {r['reference_tokens']}); "
-                f"reference: {r['reference']}; min per-image cosine ours vs reference "
-                f"{fmt(r['min_image_cosine_vs_reference'], '.5f')}"
-            )
-        lines.append("")
-    if results["latency"]:
-        setup, memory = results["latency_setup"], results["latency_graph_memory"]
-        lines += [
-            "## Small batches (latency)",
-            "",
-            f"{setup['tower']}, forward of N square images, reference padded as in W1. Ours with CUDA graphs: "
-            "`model.enable_cuda_graphs()` (defaults), every bucket captured before the timing. GPU kernel ms: the "
-            f"profiler's kernel time of our eager forward. Goals: graphs <= {setup['graph_max_kernel_ratio']}x the "
-            "kernel time, never slower than the reference"
-            + "".join(f", {k} >= {v}x faster" for k, v in setup["min_speedup"].items()) + ".",
-            "",
-        ]
-        lines += markdown_table(LATENCY_HEADER, latency_rows(results)) + [""]
-        if "reserved_gib" in memory:
-            lines += [
-                f"Memory of the CUDA graphs after capturing these {memory['graphs']} buckets (max_tokens "
-                f"{memory['max_tokens']}): {memory['allocated_gib']:.3f} GiB allocated (static buffers and graph "
-                f"outputs), {memory['reserved_gib']:.3f} GiB reserved anew by torch (those and the graphs' shared "
-                "pool).",
-                "",
-            ]
-    if results["token_sweep"]:
-        sweep = results["token_sweep_setup"]
-        lines += [
-            "## Token scaling",
-            "",
-            f"{sweep['tower']}, forward, images of {sweep['sides'][0]}x{sweep['sides'][0]}..{sweep['sides'][1]}x"
-            f"{sweep['sides'][1]} patches; reference padded to {sweep['max_patches']} (OOM: ran out of memory).",
-            "",
-        ]
-        lines += markdown_table(SWEEP_HEADER, sweep_rows(results)) + [""]
-        if plot_written:
-            lines += ["![throughput and peak memory vs total tokens](scaling.png)", ""]
-    notes = existing_notes(path) or "## Notes\n\nHand-written notes go here; bench.py keeps this section.\n"
-    path.write_text("\n".join(lines) + "\n" + notes)
-
-
-def write_scaling_plot(results: dict, path: Path) -> bool:
-    """Throughput and peak memory vs total tokens, ours and the reference; False (with a message) without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        log("matplotlib is not installed: skipping the scaling plot")
-        return False
-    matplotlib.use("Agg")  # no display on the GPU machine
-    import matplotlib.pyplot as plt
-
-    points = results["token_sweep"]
-    figure, (throughput, memory) = plt.subplots(1, 2, figsize=(11, 4))
-    for side, label in (("ours", "packed (ours)"), ("reference", "transformers, padded")):
-        done = [p for p in points if p[f"{side}_ms"] is not None]
-        throughput.plot([p["tokens"] for p in done], [p[f"{side}_tokens_per_s"] for p in done], "o-", label=label)
-        with_memory = [p for p in done if p[f"{side}_peak_gib"] is not None]
-        memory.plot([p["tokens"] for p in with_memory], [p[f"{side}_peak_gib"] for p in with_memory], "o-", label=label)
-    if all(p["ours_peak_gib"] is None for p in points):
-        memory.text(0.5, 0.5, "not measured (no CUDA device)", transform=memory.transAxes, ha="center")
-    for axis, ylabel, title in ((throughput, "tokens / s", "forward throughput"), (memory, "GiB", "peak memory")):
-        axis.set_xscale("log", base=2)
-        axis.set(xlabel="total tokens", ylabel=ylabel, title=title)
-        axis.grid(True, alpha=0.3)
-        axis.legend()
-    figure.suptitle(f"{results['token_sweep_setup']['tower']}, {results['environment']['device']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
-
-
-def print_table(results: dict) -> None:
-    """The short summary printed last (the GPU tool returns only the end of the output)."""
-    env = results["environment"]
-    print()
-    print(f"{env['device']} | torch {env['torch']} | transformers {env['transformers']} | backend {env['backend']}"
-          f"{' | compile' if env['compile'] else ''}{' | SMOKE' if env['smoke'] else ''}")  # fmt: skip
-    print(f"matmul ceiling {results['matmul_ceiling_tflops']:.1f} TFLOP/s (end {results['matmul_tflops_end']:.1f}) | "
-          f"host sync: {host_sync_summary(results)} | all goals met: {verdict(results['all_goals_met'])}")  # fmt: skip
-    if results["token_sweep"]:
-        print(format_columns(SWEEP_HEADER, sweep_rows(results)))
-    if results["latency"]:
-        print(format_columns(LATENCY_HEADER, latency_rows(results)))
-    if results["workloads"]:
-        header = ["id", "ours ms", "ref ms", "speedup", "TFLOP/s", "%ceil", "mem GiB", "ratio", "goal", "met"]
-        print(format_columns(header, workload_rows(results)))
-
-
-def format_columns(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows])
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------
 
@@ -1065,17 +748,11 @@ def main(argv=None) -> dict:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_written = bool(results["token_sweep"]) and write_scaling_plot(results, args.out_dir / "scaling.png")
-    write_results_md(results, args.out_dir / "RESULTS.md", plot_written)
+    write_results_md(results, args.out_dir / "RESULTS.md", plot_written, PER_IMAGE_REPEATS)
     log(f"wrote {args.out_dir / 'results.json'}, {args.out_dir / 'RESULTS.md'}"
         f"{', ' + str(args.out_dir / 'scaling.png') if plot_written else ''}")  # fmt: skip
     print_table(results)
     return results
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 def environment(args, settings: Settings, command: str) -> dict:

@@ -5,15 +5,18 @@ layers/16 heads, 256 positions, no head, as LFM2-VL uses it) and the default LFM
 bf16, one prompt holding all images (LFM2-VL's 2x2 downsampling: (h/2)*(w/2) image tokens per image). Images of
 mixed sizes, h and w even in [8, 64] with h*w <= 1024 patches, padded to the largest as LFM2-VL's processor does.
 
-For 8 and 64 images (--images), in one process, first with transformers' tower (sdpa, padded batch), then after
-`replace_vision_towers(model)` in place (the packed tower on the same Parameters):
+For 8 and 64 images (--images), in one process, three sides: "original", transformers' tower (sdpa, padded
+batch); "replaced", after `replace_vision_towers(model)` in place (the packed tower on the same Parameters); and
+"graphs", after `replace_vision_towers(model, cuda_graphs=True)` (the same tower replaying CUDA graphs for
+inference batches up to 16384 patches; eager above that, on the CPU, and in training, so this side has no train
+step; --no-graphs skips it):
 - tower: the vision tower's forward alone, as `get_image_features` calls it;
 - prefill: the model's forward on the prompt with its images, `logits_to_keep=1` (what `generate` runs first);
 - train: forward with labels (text tokens) + backward, gradients set to None before each step.
 Median milliseconds of CUDA-event timings after warm-up (bench.py's `time_ms`), peak allocated GiB of one call
 (weights included: the same model on both sides), host-synchronizing CUDA calls of one tower forward
-(`torch.cuda.set_sync_debug_mode("warn")`), and the agreement of the two sides (cosine of the prefill's logits and
-of the tower's real-token outputs; bf16, so not bit-equal).
+(`torch.cuda.set_sync_debug_mode("warn")`), and the agreement of each packed side with the original (cosine of
+the prefill's logits and of the tower's real-token outputs; bf16, so not bit-equal).
 
 GPU:      python benchmarks/bench_vlm.py --out benchmarks/vlm_results.json
 CPU smoke (tiny configs, fp32, the numbers mean nothing): python benchmarks/bench_vlm.py --smoke
@@ -33,7 +36,7 @@ import transformers
 from transformers import Lfm2Config, Lfm2VlConfig, Lfm2VlForConditionalGeneration, Siglip2VisionConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import GIB, device_name, import_packed_vit, time_ms  # noqa: E402
+from measure import GIB, device_name, import_packed_vit, time_ms  # noqa: E402
 
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=16)
 TINY_VISION = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=4)
@@ -42,6 +45,9 @@ TINY_TEXT = dict(
     num_key_value_heads=2, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False,
 )  # fmt: skip
 TEXT_TOKEN = 5  # a plain text token around the images
+SIDES = ("original", "replaced", "graphs")
+STEPS = ("tower", "prefill", "train")
+GRAPH_STEPS = ("tower", "prefill")  # training runs eagerly: the graphs side's train step would be "replaced"'s
 
 
 def build_model(smoke: bool, device: torch.device, dtype: torch.dtype) -> Lfm2VlForConditionalGeneration:
@@ -116,8 +122,8 @@ def host_syncs(run, device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def measure_side(model, inputs: dict, args, device) -> tuple[dict, dict]:
-    """(numbers, outputs to compare) for the model as it is now."""
+def measure_side(model, inputs: dict, args, device, steps=STEPS) -> tuple[dict, dict]:
+    """(numbers of each of `steps`, outputs to compare) for the model as it is now."""
     tower = model.model.vision_tower
 
     def tower_forward():
@@ -134,7 +140,9 @@ def measure_side(model, inputs: dict, args, device) -> tuple[dict, dict]:
         model(**inputs).loss.backward()
 
     numbers = {}
-    for name, run in (("tower", tower_forward), ("prefill", prefill), ("train", train_step)):
+    runs = dict(tower=tower_forward, prefill=prefill, train=train_step)
+    for name in steps:
+        run = runs[name]
         model.train(name == "train")
         times = time_ms(run, args.repeats, args.warmup, device)
         numbers[name] = dict(
@@ -159,6 +167,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU in fp32: checks the script runs")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the side with cuda_graphs=True")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -179,31 +188,39 @@ def main(argv=None) -> dict:
         batches[count] = make_inputs(model, shapes, device, dtype, generator)
 
     sides, outputs = {}, {}
-    for side in ("original", "replaced"):
+    measured = SIDES[:2] if args.no_graphs else SIDES
+    for side in measured:
         if side == "replaced":
             replaced = packed_vit.replace_vision_towers(model)
             tower_class = type(model.model.vision_tower).__name__
             print(f"replace_vision_towers: {replaced} tower(s) -> {tower_class}", flush=True)
+        if side == "graphs":
+            packed_vit.replace_vision_towers(model, cuda_graphs=True)  # the tower above, now with graphs
+            print("replace_vision_towers(cuda_graphs=True): CUDA graphs on", flush=True)
+        side_steps = GRAPH_STEPS if side == "graphs" else STEPS
         for count, inputs in batches.items():
-            numbers, outputs[side, count] = measure_side(model, inputs, args, device)
+            numbers, outputs[side, count] = measure_side(model, inputs, args, device, side_steps)
             sides.setdefault(count, {})[side] = numbers
             steps = ", ".join(f"{step} {v['ms']:.1f} ms" for step, v in numbers.items())
             print(f"{side:8s} {count:3d} images: {steps}", flush=True)
 
     results = dict(
         device=device_name(device), torch=torch.__version__, transformers=transformers.__version__,
-        command=" ".join(["python", *sys.argv]), repeats=args.repeats, warmup=args.warmup, seed=args.seed, workloads=[],
+        command=" ".join(["python", *sys.argv]), repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+        sides=list(measured), workloads=[],
     )  # fmt: skip
     for count, inputs in batches.items():
         mask = inputs["pixel_attention_mask"]
-        original, replaced = outputs["original", count], outputs["replaced", count]
-        results["workloads"].append(dict(
+        original = outputs["original", count]
+        workload = dict(
             images=count, patches=int(mask.sum()), padded_patches=mask.numel(),
-            prompt_tokens=inputs["input_ids"].shape[1],
-            original=sides[count]["original"], replaced=sides[count]["replaced"],
-            tower_cosine=cosine(replaced["tower_tokens"], original["tower_tokens"]),
-            logits_cosine=cosine(replaced["logits"], original["logits"]),
-        ))  # fmt: skip
+            prompt_tokens=inputs["input_ids"].shape[1], **sides[count],
+        )  # fmt: skip
+        for side in measured[1:]:  # "tower_cosine" / "logits_cosine" for "replaced", "graphs_tower_cosine", ...
+            prefix = "" if side == "replaced" else f"{side}_"
+            workload[f"{prefix}tower_cosine"] = cosine(outputs[side, count]["tower_tokens"], original["tower_tokens"])
+            workload[f"{prefix}logits_cosine"] = cosine(outputs[side, count]["logits"], original["logits"])
+        results["workloads"].append(workload)
     print_table(results)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
@@ -212,23 +229,26 @@ def main(argv=None) -> dict:
 
 def print_table(results: dict) -> None:
     print(f"\n{results['device']}, torch {results['torch']}, transformers {results['transformers']}")
-    columns = ["images", "patches (padded)", "prompt tokens", "step", "original ms", "replaced ms", "speed-up",
-               "original peak GiB", "replaced peak GiB"]  # fmt: skip
+    packed = results["sides"][1:]
+    columns = ["images", "patches (padded)", "prompt tokens", "step", "original ms"]
+    columns += [f"{side} ms" for side in packed] + [f"speed-up {side}" for side in packed]
+    columns += [f"{side} peak GiB" for side in results["sides"]]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for w in results["workloads"]:
-        for step in ("tower", "prefill", "train"):
-            a, b = w["original"][step], w["replaced"][step]
-            gib = [f"{x:.2f}" if x is not None else "n/a" for x in (a["peak_gib"], b["peak_gib"])]
-            print(
-                f"| {w['images']} | {w['patches']} ({w['padded_patches']}) | {w['prompt_tokens']} | {step} | "
-                f"{a['ms']:.1f} | {b['ms']:.1f} | {a['ms'] / b['ms']:.2f}x | {gib[0]} | {gib[1]} |"
-            )
+        for step in STEPS:
+            numbers = [w[side].get(step) for side in results["sides"]]  # None: the side has no such step
+            ms = [f"{n['ms']:.1f}" if n else "n/a" for n in numbers]
+            speedups = [f"{numbers[0]['ms'] / n['ms']:.2f}x" if n else "n/a" for n in numbers[1:]]
+            gib = [f"{n['peak_gib']:.2f}" if n and n["peak_gib"] is not None else "n/a" for n in numbers]
+            cells = [str(w["images"]), f"{w['patches']} ({w['padded_patches']})", str(w["prompt_tokens"]), step]
+            print("| " + " | ".join(cells + ms + speedups + gib) + " |")
     for w in results["workloads"]:
-        print(
-            f"{w['images']} images: host syncs per tower forward {w['original']['tower']['host_syncs']} -> "
-            f"{w['replaced']['tower']['host_syncs']}; cosine replaced vs original: tower tokens "
-            f"{w['tower_cosine']:.5f}, prefill logits {w['logits_cosine']:.5f}"
+        syncs = " -> ".join(str(w[side]["tower"]["host_syncs"]) for side in results["sides"])
+        agreement = "; ".join(
+            f"{side} tower tokens {w[prefix + 'tower_cosine']:.5f}, prefill logits {w[prefix + 'logits_cosine']:.5f}"
+            for side, prefix in ((side, "" if side == "replaced" else f"{side}_") for side in packed)
         )
+        print(f"{w['images']} images: host syncs per tower forward {syncs}; cosine vs original: {agreement}")
 
 
 if __name__ == "__main__":

@@ -89,8 +89,14 @@ def test_vlm_smoke_run_measures_both_towers_and_they_agree(tmp_path, one_thread)
 
     saved = json.loads(out.read_text())
     assert [w["images"] for w in saved["workloads"]] == [2, 3]
+    assert saved["sides"] == ["original", "replaced", "graphs"]
     for workload in saved["workloads"]:
         for side in ("original", "replaced"):
             assert all(workload[side][step]["ms"] > 0 for step in ("tower", "prefill", "train")), side
+        # replace_vision_towers(model, cuda_graphs=True): no train step (training runs eagerly)
+        assert workload["graphs"].keys() == {"tower", "prefill"}
+        assert all(workload["graphs"][step]["ms"] > 0 for step in ("tower", "prefill"))
         assert workload["patches"] < workload["padded_patches"]  # mixed sizes (seed 0), padded
         assert workload["tower_cosine"] > 0.999999 and workload["logits_cosine"] > 0.999999
+        # on the CPU the graphs never replay: the eager packed tower, the same outputs
+        assert workload["graphs_tower_cosine"] > 0.999999 and workload["graphs_logits_cosine"] > 0.999999

@@ -245,3 +245,6 @@ def test_demo_runs_end_to_end(capsys):
     assert run.stdout.count("cosine vs transformers") == 2
     assert run.stdout.count("transformers_modules.") == 4  # both towers' model and processor ran as remote code
     assert "PASS" in run.stdout
+    # the timings: medians of warm, interleaved calls per tower, what they mean, where the GPU results are
+    assert run.stdout.count("interleaved calls of each") == 2 and run.stdout.count("packed / transformers:") == 2
+    assert "What the timings mean" in run.stdout and "docs/results.md" in run.stdout

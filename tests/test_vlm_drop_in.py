@@ -20,6 +20,7 @@ from reference import (
 from transformers import Siglip2VisionConfig
 
 from packed_vit import Aimv2PackingVisionModel, Siglip2PackingVisionModel, replace_vision_towers
+from packed_vit.modeling.attention import check_attn_implementation
 from packed_vit.original_checkpoints import perturb_
 
 lfm2_vl = pytest.importorskip("transformers.models.lfm2_vl", reason="this transformers has no LFM2-VL")
@@ -84,6 +85,12 @@ def original_and_replaced(**vision_overrides):
 
 def vision_tower_of(model) -> torch.nn.Module:
     return model.model.vision_tower
+
+
+def packed_tower_of(model) -> torch.nn.Module:
+    """The packed tower after the swap (transformers 4.57 keeps its `Siglip2VisionModel` wrapper around it)."""
+    tower = vision_tower_of(model)
+    return tower if isinstance(tower, Siglip2PackingVisionModel) else tower.vision_model
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,6 +191,69 @@ def test_replacing_again_changes_nothing():
     modules = list(model.modules())
     assert replace_vision_towers(model) == 0
     assert list(model.modules()) == modules
+
+
+def test_cuda_graphs_option_enables_the_graphs_of_every_packed_tower_and_on_the_cpu_changes_nothing():
+    # On the CPU the runner is attached but never replays (graphs need CUDA): the same logits, eagerly.
+    original, replaced = small_lfm2_vl(), small_lfm2_vl()
+    assert replace_vision_towers(replaced, cuda_graphs=True) == 1
+    runner = packed_tower_of(replaced).cuda_graphs
+    assert runner is not None and runner.max_tokens == 16384  # enable_cuda_graphs()' defaults
+    inputs = dict(input_ids=prompt_with_images(), **padded_images())
+    with torch.no_grad():
+        error = rel_err(replaced(**inputs).logits, original(**inputs).logits)
+    assert error <= FP32_REL_TOL, f"logits rel err {error:.2e}"
+    assert runner.replays == 0 and not runner.graphs
+
+    # Again: nothing to replace, the runner (and whatever it captured) kept; a tower swapped before gets one.
+    assert replace_vision_towers(replaced, cuda_graphs=True) == 0
+    assert packed_tower_of(replaced).cuda_graphs is runner
+    earlier = small_lfm2_vl()
+    replace_vision_towers(earlier)
+    assert packed_tower_of(earlier).cuda_graphs is None
+    assert replace_vision_towers(earlier, cuda_graphs=True) == 0
+    assert packed_tower_of(earlier).cuda_graphs is not None
+
+
+def test_cuda_graphs_option_must_be_a_bool_and_a_wrong_one_changes_nothing():
+    model = small_lfm2_vl()
+    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+        replace_vision_towers(model, cuda_graphs="yes")
+    assert not any(isinstance(module, Siglip2PackingVisionModel) for module in model.modules())  # nothing swapped
+
+
+GRAPH_MIN_COSINE = 0.999  # tests/test_cuda.py's bound for a replayed bf16 forward against the eager one
+
+
+def varlen_attn_available() -> bool:
+    try:
+        return check_attn_implementation("varlen_attn") == "varlen_attn"
+    except ValueError:  # torch < 2.10
+        return False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not varlen_attn_available(), reason="the graphs replay torch's varlen_attn kernel")
+def test_cuda_graphs_option_replays_the_tower_in_a_bf16_prefill_on_cuda():
+    model = small_lfm2_vl().cuda().bfloat16()
+    replace_vision_towers(model, cuda_graphs=True)
+    tower, packed = vision_tower_of(model), packed_tower_of(model)
+    inputs = {k: v.cuda() for k, v in dict(input_ids=prompt_with_images(), **padded_images()).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    vision = {k: inputs[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+    runner = packed.cuda_graphs
+    with torch.no_grad():
+        replayed_logits = model(**inputs).logits.float()
+        prefill_replays = runner.replays  # the prefill's tower call(s) replayed a graph
+        replayed = tower(**vision).last_hidden_state.float()
+        packed.cuda_graphs = None
+        eager_logits = model(**inputs).logits.float()
+        eager = tower(**vision).last_hidden_state.float()
+    assert prefill_replays >= 1 and runner.replays == prefill_replays + 1 and runner.graphs
+    real = inputs["pixel_attention_mask"] > 0
+    for name, a, b in (("tower tokens", replayed[real], eager[real]), ("logits", replayed_logits, eager_logits)):
+        cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+        assert cos >= GRAPH_MIN_COSINE, f"{name}: cosine {cos:.5f}"
 
 
 def test_every_tower_of_a_model_is_replaced_and_computes_the_same():

@@ -18,6 +18,14 @@ same attention on the real tokens only, with its own backends: "flash_attention_
 package is installed; anything else ("sdpa", "eager", "flex_attention", hub kernels) becomes "auto", i.e. torch's
 varlen flash kernel on CUDA fp16/bf16 and SDPA otherwise, which compute the same function (DESIGN §7, parity-tested).
 Keeping "eager" would only make the packed tower slower; the user swaps towers for speed.
+
+`cuda_graphs=True` calls `enable_cuda_graphs()` (modeling/cuda_graphs.py) on every packed tower of the model: a
+VLM's prefill runs its tower on a few images, a batch bound by the host's kernel launches, which a replayed graph
+removes (issue 25: an 8-image LFM2-VL tower on an H200 25.3 ms -> 23.5 ms packed, 7.5 ms with graphs; docs/vlm.md,
+`benchmarks/bench_vlm.py`'s "graphs" side). The graphs are used where they apply, inference on CUDA with the
+`varlen_attn` backend, and the tower runs eagerly otherwise, with the same outputs: on the CPU, in training, above
+`max_tokens`. So on a model still on the CPU the option attaches the graph runner, which takes effect once the model
+is moved to CUDA.
 """
 
 from __future__ import annotations
@@ -41,13 +49,19 @@ REPLACEMENTS = {
 }
 
 
-def replace_vision_towers(model: nn.Module) -> int:
+def replace_vision_towers(model: nn.Module, cuda_graphs: bool = False) -> int:
     """Swaps every `Siglip2VisionModel` / `Aimv2VisionModel` inside `model` for the packed tower, in place.
 
     Returns how many towers it replaced (0 when called again: already-packed towers are left alone). Raises
     ValueError, naming the tower, for one the packed tower cannot take (e.g. attention_dropout > 0); towers are
     checked and built before any is swapped, so on an error `model` is unchanged.
+
+    cuda_graphs: also enable CUDA-graph replay of small inference batches on every packed tower of `model` (those
+    swapped now and before; one whose graphs are on keeps its settings). Used on CUDA only (see the module doc); for
+    other limits call `tower.enable_cuda_graphs(max_tokens=...)` yourself.
     """
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     swaps = []  # (parent module, attribute name, packed tower)
     for path, module in model.named_modules():
         reference_class = next((cls for cls in REPLACEMENTS if isinstance(module, cls)), None)
@@ -68,6 +82,10 @@ def replace_vision_towers(model: nn.Module) -> int:
             raise ValueError(f"Cannot replace the vision tower {where} with the packed tower: {error}") from None
     for parent, attribute, packed in swaps:
         setattr(parent, attribute, packed)
+    if cuda_graphs:
+        for module in model.modules():
+            if isinstance(module, PACKED_TOWERS) and module.cuda_graphs is None:
+                module.enable_cuda_graphs()
     return len(swaps)
 
 

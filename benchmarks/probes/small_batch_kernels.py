@@ -1,6 +1,6 @@
 """Probe (issue 16): where the GPU time of a small so400m batch goes, and what the candidate fusions would save.
 
-Run from the repo root on a GPU: python3 benchmarks/probe_small_batch_kernels.py [--host]
+Run from the repo root on a GPU: python3 benchmarks/probes/small_batch_kernels.py [--host]
 1. Kernel time by kind (profiler, our forward with the graphs' settings: fused add + norm at every size) for
    1 x 256, 4 x 256 and 1 x 1024 patches.
 2. One layer's ops alone at 256, 1024 and 4096 tokens, each replayed in a CUDA graph of 20 calls (no launch cost):
@@ -13,11 +13,12 @@ import collections
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench.py
 import bench  # noqa: E402
 
 pv = bench.packed_vit

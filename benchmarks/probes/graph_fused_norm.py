@@ -1,12 +1,13 @@
 """Probe (issue 16): CUDA-graph latency of the so400m latency rows with the fused add + norm at every size (0) vs from
-8192 tokens (the eager threshold). Run from the repo root on a GPU: python3 benchmarks/probe_graph_fused_norm.py"""
+8192 tokens (the eager threshold). Run from the repo root on a GPU: python3 benchmarks/probes/graph_fused_norm.py"""
 
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench.py
 import bench  # noqa: E402
 
 model = bench.so400m_on_cuda()

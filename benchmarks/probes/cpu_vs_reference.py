@@ -1,10 +1,10 @@
 """CPU (issue 16): packed forward vs transformers run image by image (sdpa), both towers, small random-weight towers,
 one thread (THREADS=N in the environment: N), interleaved calls, the fastest of REPEATS;
 also ours with other pass limits (tokens per pass, whatever the threads; "one" = one pass).
-Usage: python benchmarks/cpu_vs_reference.py [REPEATS] [CASES] [LIMITS, default "one"]"""
+Usage: python benchmarks/probes/cpu_vs_reference.py [REPEATS] [CASES] [LIMITS, default "one"]"""
 import os, statistics, sys, time
 import torch
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "tests"))
 from reference import random_packed, frames
 from transformers import Aimv2VisionConfig, Aimv2VisionModel, Siglip2VisionConfig, Siglip2VisionModel
 from packed_vit import Aimv2PackingVisionConfig, Aimv2PackingVisionModel, Siglip2PackingVisionConfig, Siglip2PackingVisionModel

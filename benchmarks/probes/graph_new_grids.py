@@ -1,6 +1,6 @@
 """Probe (issue 16): CUDA-graph latency when calls bring other grids vs the same grids each call, against the GPU
 kernel time of the eager forward. Run from the repo root on a GPU:
-    python3 benchmarks/probe_graph_new_grids.py [--host: host us per step of a call, 1 x 256]
+    python3 benchmarks/probes/graph_new_grids.py [--host: host us per step of a call, 1 x 256]
         [--profile: also cProfile 200 new-grid calls of 1 x 256]
 
 Per batch size, median ms of 30 calls: the same grids each call; other grids each call (two layouts of one bucket,
@@ -10,10 +10,11 @@ call, so they are computed); and the profiler's kernel time of the eager forward
 
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench.py
 import bench  # noqa: E402
 
 DEVICE = torch.device("cuda")

@@ -1,0 +1,229 @@
+"""bench.py's outputs: RESULTS.md (above its hand-written "## Notes"), scaling.png and the console table, from the
+results dict bench.main builds (the same dict results.json holds)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# Result keys the goals are stated on
+SPEEDUP, CEILING, MEM_RATIO = "speedup_vs_reference", "pct_of_matmul_ceiling", "peak_mem_ratio_vs_reference"
+
+
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def fmt(value, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def goal_text(goals: list[dict]) -> str:
+    names = {SPEEDUP: "speedup", CEILING: "ceiling", MEM_RATIO: "mem"}
+    units = {SPEEDUP: "x", CEILING: "%", MEM_RATIO: "x"}
+    return ", ".join(f"{names[g['metric']]} {g['op']} {g['threshold']:g}{units[g['metric']]}" for g in goals)
+
+
+def verdict(met: bool | None) -> str:
+    return {True: "yes", False: "NO", None: "n/a"}[met]
+
+
+def missing(record: dict, side: str) -> str:
+    """What stands in for a side's missing number: it ran out of memory, or there is no such number here."""
+    return "OOM" if record[f"{side}_out_of_memory"] else "n/a"
+
+
+def workload_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for r in results["workloads"].values():
+        rows.append([
+            r["id"], fmt(r["ours_ms"], ".2f", missing(r, "ours")),
+            fmt(r["reference_ms"], ".2f", missing(r, "reference")), fmt(r[SPEEDUP], ".2f") + "x",
+            fmt(r["useful_tflops"], ".1f"), fmt(r["pct_of_matmul_ceiling"], ".1f"),
+            f"{fmt(r['peak_mem_gib_ours'], '.2f')} / {fmt(r['peak_mem_gib_reference'], '.2f')}",
+            fmt(r["peak_mem_ratio_vs_reference"], ".2f"), goal_text(r["goals"]), verdict(r["met"]),
+        ])  # fmt: skip
+    return rows
+
+
+WORKLOAD_HEADER = [
+    "workload", "ours ms", "ref ms", "speedup", "useful TFLOP/s", "% of ceiling", "peak mem ours / ref GiB", "ratio",
+    "goal", "met?",
+]  # fmt: skip
+SWEEP_HEADER = [
+    "tokens", "images", "ours ms", "ours + graphs ms", "ref ms", "ours tok/s", "ref tok/s", "ours GiB", "ref GiB"
+]  # fmt: skip
+LATENCY_HEADER = [
+    "images x patches", "ours ms", "ours + graphs ms", "ref ms", "GPU kernel ms (ours)", "one graph replay ms",
+    "graphs / kernel", "speedup (graphs)", "min cosine graphs vs eager", "goal met?",
+]  # fmt: skip
+
+
+def latency_rows(results: dict) -> list[list[str]]:
+    return [
+        [
+            f"{r['images']} x {r['patches']}", fmt(r["ours_ms"], ".2f"),
+            fmt(r["ours_graphs_ms"], ".2f") + ("" if r["graphs_replayed"] else " (eager)"),
+            fmt(r["reference_ms"], ".2f"),
+            fmt(r["kernel_ms"], ".2f"), fmt(r["graph_replay_ms"], ".2f"), fmt(r["graphs_over_kernel"], ".2f"),
+            fmt(r[SPEEDUP], ".2f") + "x", fmt(r["min_image_cosine_graphs_vs_eager"], ".5f"), verdict(r["met"]),
+        ]
+        for r in results["latency"]
+    ]  # fmt: skip
+
+
+def sweep_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for p in results["token_sweep"]:
+        ours, ref = missing(p, "ours"), missing(p, "reference")
+        rows.append([
+            str(p["tokens"]), str(p["images"]), fmt(p["ours_ms"], ".2f", ours),
+            fmt(p["ours_graphs_ms"], ".2f", ours) + ("" if p["ours_graphs_replayed"] else " (eager)"),
+            fmt(p["reference_ms"], ".2f", ref),
+            fmt(p["ours_tokens_per_s"], ".3g", ours), fmt(p["reference_tokens_per_s"], ".3g", ref),
+            fmt(p["ours_peak_gib"], ".2f", ours), fmt(p["reference_peak_gib"], ".2f", ref),
+        ])  # fmt: skip
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def host_sync_summary(results: dict) -> str:
+    checked = {r["id"]: r["host_sync_free"] for r in results["workloads"].values() if r["host_sync_free"] is not None}
+    if not checked:
+        return "not checked (no CUDA device, or no forward workload run)"
+    failed = [k for k, ok in checked.items() if not ok]
+    details = "; ".join(f"{k}: {results['workloads'][k]['host_sync_detail']}" for k in failed)
+    return f"pass ({', '.join(checked)})" if not failed else f"FAIL ({details})"
+
+
+def existing_notes(path: Path) -> str:
+    """The hand-written "## Notes" section of an existing RESULTS.md, from its heading to the end ("" if none)."""
+    text = path.read_text() if path.exists() else ""
+    match = re.search(r"^## Notes[ \t]*$", text, flags=re.MULTILINE)
+    return text[match.start() :] if match else ""
+
+
+def write_results_md(results: dict, path: Path, plot_written: bool, per_image_repeats: int) -> None:
+    env = results["environment"]
+    lines = ["# Benchmark results", ""]
+    if env["smoke"]:
+        lines += ["**Smoke run: tiny configs, a few tokens. These numbers say nothing about performance.**", ""]
+    lines += [
+        "Generated by `benchmarks/bench.py` (its docstring says what is measured and how). Everything above",
+        '"## Notes" is regenerated on every run; the Notes section is kept.',
+        "",
+        f"- Command: `{env['command']}`",
+        f"- Device: {env['device']}; torch {env['torch']}; transformers {env['transformers']}; "
+        f"our attention backend: {env['backend']}; torch.compile: {'yes' if env['compile'] else 'no'}",
+        f"- Matmul ceiling (bf16 {env['matmul_size']}^3, torch.matmul, median): "
+        f"{results['matmul_ceiling_tflops']:.1f} TFLOP/s (again at the end of the run: "
+        f"{results['matmul_tflops_end']:.1f})",
+        f"- No host sync in our forward with a CPU grid_thw: {host_sync_summary(results)}",
+        f"- All goals met: {verdict(results['all_goals_met'])}",
+        f"- Timing: median of {env['repeats']} calls after {env['warmup']} warm-up calls "
+        f"(W4's per-image reference: at most {per_image_repeats}); random bf16 data, random-init weights",
+        "",
+    ]
+    if results["workloads"]:
+        lines += markdown_table(WORKLOAD_HEADER, workload_rows(results)) + [""]
+        for r in results["workloads"].values():
+            lines.append(
+                f"- {r['id']}: {r['description']}; {r['tokens']} tokens (reference computes {r['reference_tokens']}); "
+                f"reference: {r['reference']}; min per-image cosine ours vs reference "
+                f"{fmt(r['min_image_cosine_vs_reference'], '.5f')}"
+            )
+        lines.append("")
+    if results["latency"]:
+        setup, memory = results["latency_setup"], results["latency_graph_memory"]
+        lines += [
+            "## Small batches (latency)",
+            "",
+            f"{setup['tower']}, forward of N square images, reference padded as in W1. Ours with CUDA graphs: "
+            "`model.enable_cuda_graphs()` (defaults), every bucket captured before the timing. GPU kernel ms: the "
+            f"profiler's kernel time of our eager forward. Goals: graphs <= {setup['graph_max_kernel_ratio']}x the "
+            "kernel time, never slower than the reference"
+            + "".join(f", {k} >= {v}x faster" for k, v in setup["min_speedup"].items()) + ".",
+            "",
+        ]
+        lines += markdown_table(LATENCY_HEADER, latency_rows(results)) + [""]
+        if "reserved_gib" in memory:
+            lines += [
+                f"Memory of the CUDA graphs after capturing these {memory['graphs']} buckets (max_tokens "
+                f"{memory['max_tokens']}): {memory['allocated_gib']:.3f} GiB allocated (static buffers and graph "
+                f"outputs), {memory['reserved_gib']:.3f} GiB reserved anew by torch (those and the graphs' shared "
+                "pool).",
+                "",
+            ]
+    if results["token_sweep"]:
+        sweep = results["token_sweep_setup"]
+        lines += [
+            "## Token scaling",
+            "",
+            f"{sweep['tower']}, forward, images of {sweep['sides'][0]}x{sweep['sides'][0]}..{sweep['sides'][1]}x"
+            f"{sweep['sides'][1]} patches; reference padded to {sweep['max_patches']} (OOM: ran out of memory).",
+            "",
+        ]
+        lines += markdown_table(SWEEP_HEADER, sweep_rows(results)) + [""]
+        if plot_written:
+            lines += ["![throughput and peak memory vs total tokens](scaling.png)", ""]
+    notes = existing_notes(path) or "## Notes\n\nHand-written notes go here; bench.py keeps this section.\n"
+    path.write_text("\n".join(lines) + "\n" + notes)
+
+
+def write_scaling_plot(results: dict, path: Path) -> bool:
+    """Throughput and peak memory vs total tokens, ours and the reference; False (with a message) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed: skipping the scaling plot")
+        return False
+    matplotlib.use("Agg")  # no display on the GPU machine
+    import matplotlib.pyplot as plt
+
+    points = results["token_sweep"]
+    figure, (throughput, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for side, label in (("ours", "packed (ours)"), ("reference", "transformers, padded")):
+        done = [p for p in points if p[f"{side}_ms"] is not None]
+        throughput.plot([p["tokens"] for p in done], [p[f"{side}_tokens_per_s"] for p in done], "o-", label=label)
+        with_memory = [p for p in done if p[f"{side}_peak_gib"] is not None]
+        memory.plot([p["tokens"] for p in with_memory], [p[f"{side}_peak_gib"] for p in with_memory], "o-", label=label)
+    if all(p["ours_peak_gib"] is None for p in points):
+        memory.text(0.5, 0.5, "not measured (no CUDA device)", transform=memory.transAxes, ha="center")
+    for axis, ylabel, title in ((throughput, "tokens / s", "forward throughput"), (memory, "GiB", "peak memory")):
+        axis.set_xscale("log", base=2)
+        axis.set(xlabel="total tokens", ylabel=ylabel, title=title)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{results['token_sweep_setup']['tower']}, {results['environment']['device']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def print_table(results: dict) -> None:
+    """The short summary printed last (the GPU tool returns only the end of the output)."""
+    env = results["environment"]
+    print()
+    print(f"{env['device']} | torch {env['torch']} | transformers {env['transformers']} | backend {env['backend']}"
+          f"{' | compile' if env['compile'] else ''}{' | SMOKE' if env['smoke'] else ''}")  # fmt: skip
+    print(f"matmul ceiling {results['matmul_ceiling_tflops']:.1f} TFLOP/s (end {results['matmul_tflops_end']:.1f}) | "
+          f"host sync: {host_sync_summary(results)} | all goals met: {verdict(results['all_goals_met'])}")  # fmt: skip
+    if results["token_sweep"]:
+        print(format_columns(SWEEP_HEADER, sweep_rows(results)))
+    if results["latency"]:
+        print(format_columns(LATENCY_HEADER, latency_rows(results)))
+    if results["workloads"]:
+        header = ["id", "ours ms", "ref ms", "speedup", "TFLOP/s", "%ceil", "mem GiB", "ratio", "goal", "met"]
+        print(format_columns(header, workload_rows(results)))
+
+
+def format_columns(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows])
