@@ -27,6 +27,7 @@ from packed_vit.cli import main
 from packed_vit.encode import encode_images, load_embeddings, load_model_and_processor, token_budget_batches
 
 BUDGET = 600  # patches per forward: a few images each (each image is at most 256 patches)
+SKIPPED = 3  # the exit status of a job that completed with samples skipped
 
 
 def image_bytes(seed: int, fmt: str = "JPEG") -> bytes:
@@ -102,7 +103,7 @@ def test_auto_preprocessing_is_the_cpu_path_off_cuda_and_gpu_is_refused_there(ch
 
 def test_workers_report_unreadable_files_in_order_and_go_on(checkpoint, photos, tmp_path, capsys):
     assert encode(str(photos), "--model", str(checkpoint), "--out", str(tmp_path / "e.safetensors"),
-                  "--workers", "2") == 0  # fmt: skip
+                  "--workers", "2") == SKIPPED  # fmt: skip
     result = load_embeddings(tmp_path / "e.safetensors")
     assert result.names == [str(p) for p in sorted(photos.iterdir()) if "broken" not in p.name]
     assert [name for name, _ in result.skipped] == [str(photos / "05b_broken.jpg")]
@@ -147,7 +148,7 @@ def test_list_files_and_tar_shards_with_brace_ranges(checkpoint, photos, tmp_pat
     listing.write_text(f"# two photos\n{photos / '00.jpg'}\n\n{photos / '01.png'}\nmissing.jpg\n")
     out = tmp_path / "out"
     assert encode(str(shards / "s-{000..001}.tar"), str(listing), "--model", str(checkpoint), "--out", str(out),
-                  "--workers", "2") == 0  # fmt: skip
+                  "--workers", "2") == SKIPPED  # fmt: skip
     result = load_embeddings(out)
     assert result.names == [f"{shards}/s-000.tar/a", f"{shards}/s-000.tar/c", f"{shards}/s-001.tar/d",
                             str(photos / "00.jpg"), str(photos / "01.png")]  # fmt: skip
@@ -170,8 +171,8 @@ def load_embeddings_of(checkpoint, images):
 
 def test_folder_of_shards_equals_the_single_file(checkpoint, photos, tmp_path):
     common = [str(photos), "--model", str(checkpoint), "--workers", "1", "--patch-features"]
-    assert encode(*common, "--out", str(tmp_path / "one.safetensors")) == 0
-    assert encode(*common, "--out", str(tmp_path / "folder"), "--shard-size", "4") == 0
+    assert encode(*common, "--out", str(tmp_path / "one.safetensors")) == SKIPPED
+    assert encode(*common, "--out", str(tmp_path / "folder"), "--shard-size", "4") == SKIPPED
     manifest = json.loads((tmp_path / "folder" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["images"] == 13 and manifest["skipped"] == 1
     assert [len(s["images"]) + len(s["skipped"]) for s in manifest["shards"]] == [4, 4, 4, 2]  # 14 files
@@ -244,11 +245,11 @@ def test_torchrun_two_gloo_ranks_equal_one_process(checkpoint, photos, tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "packed_vit"]
     two = subprocess.run([*torchrun, *command(*job, "--out", str(tmp_path / "two"))[3:]], capture_output=True,
                          text=True, timeout=300)  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == SKIPPED, two.stderr[-3000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun sets each rank (OMP_NUM_THREADS=1): the CPU kernels then sum alike
     try:
-        assert encode(*job, "--out", str(tmp_path / "one")) == 0
+        assert encode(*job, "--out", str(tmp_path / "one")) == SKIPPED  # the broken photo
     finally:
         torch.set_num_threads(threads)
     one, merged = load_embeddings(tmp_path / "one"), load_embeddings(tmp_path / "two")
