@@ -245,7 +245,7 @@ def test_torchrun_two_gloo_ranks_equal_one_process(checkpoint, photos, tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "packed_vit"]
     two = subprocess.run([*torchrun, *command(*job, "--out", str(tmp_path / "two"))[3:]], capture_output=True,
                          text=True, timeout=300)  # fmt: skip
-    assert two.returncode == SKIPPED, two.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]  # skips end a torchrun job with 0: torchrun fails any other
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun sets each rank (OMP_NUM_THREADS=1): the CPU kernels then sum alike
     try:

@@ -436,7 +436,9 @@ def finish(options: JobOptions, parts: list[Part], job: dict, summaries: list[di
     )
     if options.to_folder and images == 0:
         return fail("no image could be read", EXIT_FAILED)
-    return EXIT_SKIPPED if skipped else EXIT_DONE
+    # torchrun takes any non-zero status of a rank for a failure (it reports the job failed and exits 1): a job that
+    # completed with skips ends with 0 there, and the manifest's `skipped` says how many.
+    return EXIT_SKIPPED if skipped and world_size == 1 else EXIT_DONE
 
 
 def finish_manifest(folder: Path, parts: list[Part], job: dict, summaries: list[dict]) -> dict:

@@ -260,8 +260,8 @@ def prepare_folder(folder: Path, job: dict, overwrite: bool) -> None:
     """Rank 0, before any rank writes: a new folder gets a manifest of `job`; an existing one must hold the same
     job (resume), or is emptied of our files with `overwrite`, else JobMismatch."""
     manifest = read_manifest(folder) if folder.is_dir() else None
-    ours = any(path.name != LOCK for path in folder.iterdir()) if folder.is_dir() else False  # the run's lock aside
-    if manifest is None and ours and not overwrite:
+    holds_files = any(path.name != LOCK for path in folder.iterdir()) if folder.is_dir() else False  # the run's lock aside
+    if manifest is None and holds_files and not overwrite:
         raise JobMismatch(f"{folder} exists, is not empty and is not an encode output folder (no {MANIFEST})")
     if manifest is not None and manifest.get("job") != job:
         if not overwrite:
