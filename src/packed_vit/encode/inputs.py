@@ -87,7 +87,10 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def files_in_folder(folder: Path) -> list[Path]:
-    files = (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files under `folder` by extension, sorted; a dangling link too (a file that has vanished): it is
+    reported and skipped when read, not left out unnoticed."""
+    files = (p for p in folder.rglob("*")
+             if (p.is_file() or p.is_symlink() and not p.exists()) and p.suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())  # the same order on every run
 
 

@@ -344,6 +344,8 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
             first_forward = first_forward or result.launched_at
             skipped = report(result, bar, skipped, prefix)
             if options.strict and result.skipped:
+                if writer is not None:
+                    writer.close_before(result.group)  # the shards before this one are finished: kept
                 raise StrictStop(result.skipped[0])
             if writer is not None:
                 writer.add(result)

@@ -365,10 +365,14 @@ class ShardWriter:
         self.written = 0
 
     def add(self, result) -> None:
-        if result.group != self.group:
-            self.close_shard(part_complete=self.group is not None and result.group[0] != self.group[0])
-            self.group = result.group
+        self.close_before(result.group)
+        self.group = result.group
         self.embeddings.add(result)
+
+    def close_before(self, group) -> None:
+        """Writes the shard in progress if `group` is another one: its results are all in."""
+        if group != self.group:
+            self.close_shard(part_complete=self.group is not None and group[0] != self.group[0])
 
     def close_shard(self, part_complete: bool) -> None:
         """Writes the shard in progress (a fault: WriteFault, no file)."""

@@ -1,0 +1,142 @@
+"""The encode job with messy data and faults (docs/encode-faults.md): damaged tar shards keep every readable sample
+and are named with their reason, bad files are skipped and counted, messy but valid images are read as transformers
+reads them, write faults leave no half shard, damaged shards are encoded again on resume, one run at a time holds a
+folder, SIGTERM leaves a resumable folder, and a rank's failure under torchrun ends the others.
+
+Small original-format Siglip2 checkpoint (tests/reference.py), fp32 on the CPU, a few dozen small images. Equalities
+are exact (`torch.equal`): the same images in the same forwards give the same bits.
+"""
+
+import errno
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import pytest
+import torch
+from test_encode_job import BUDGET, checkpoint, command, encode, image_bytes, write_tar  # noqa: F401 (a fixture)
+
+from packed_vit.encode import encode_images, load_embeddings, load_model_and_processor
+from packed_vit.encode.inputs import DamagedTarShard, find_parts
+
+DONE, FAILED, REFUSED, SKIPPED = 0, 1, 2, 3  # the exit statuses (docs/encode-faults.md)
+
+
+def samples_of(tar: Path) -> list[tuple[str, str | None]]:
+    """(name, None or the error's type) of each sample of a tar shard, as the job reads them."""
+    (part,) = find_parts([tar], part_size=10)
+    return [(s.name, None if s.error is None else type(s.error).__name__) for _, s in part.samples()]
+
+
+def members(tar: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(tar) as archive:
+        return {m.name: m for m in archive.getmembers()}
+
+
+@pytest.fixture
+def shard(tmp_path) -> Path:
+    """A shard of 5 samples (a JPEG and a JSON each); damaged copies of it are cut from its bytes."""
+    path = tmp_path / "whole.tar"
+    write_tar(path, {f"k{i}": {"jpg": image_bytes(400 + i), "json": b"{}"} for i in range(5)})
+    return path
+
+
+def damaged_copy(shard: Path, name: str, damage) -> Path:
+    data = bytearray(shard.read_bytes())
+    path = shard.with_name(name)
+    path.write_bytes(damage(data, members(shard)))
+    return path
+
+
+# ---- damaged tar shards --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage, kept, where", [
+    # the file ends inside k2.jpg's bytes (a partial download): k0, k1 kept, k2 lost with the rest
+    (lambda data, m: data[:m["k2.jpg"].offset_data + 10], 2, "cut short in member 'k2.jpg'"),
+    # the file ends inside k3.jpg's header: k0, k1, k2 kept
+    (lambda data, m: data[:m["k3.jpg"].offset + 100], 3, "cut short in a member header"),
+    # the file ends after a member, without the end-of-archive marker
+    (lambda data, m: data[:m["k4.jpg"].offset], 4, "without the end-of-archive marker"),
+    # a member header overwritten in the middle (tarfile would stop there silently)
+    (lambda data, m: data[:m["k1.jpg"].offset] + b"\x7f" * 512 + data[m["k1.jpg"].offset + 512:], 1,
+     "corrupt member header"),
+], ids=["in-member-data", "in-member-header", "at-member-boundary", "corrupt-header"])  # fmt: skip
+def test_a_damaged_tar_shard_keeps_every_sample_before_the_damage_and_names_it(shard, damage, kept, where):
+    cut = damaged_copy(shard, "cut.tar", damage)
+    read = samples_of(cut)
+    assert read[:kept] == [(f"{cut}/k{i}", None) for i in range(kept)]
+    assert read[kept:] == [(str(cut), "DamagedTarShard")]  # one more sample: the shard, with what happened
+    (_, last), = [(p, s) for p, s in find_parts([cut], 10)[0].samples() if s.name == str(cut)]
+    with pytest.raises(DamagedTarShard, match=f"{where}.*{kept} samples? read before the damage"):
+        last.read_bytes()
+
+
+def test_an_empty_or_non_tar_file_is_one_damaged_sample(tmp_path):
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "text.tar").write_bytes(b"not a tar at all\n" * 100)
+    for name in ("empty.tar", "text.tar"):
+        assert samples_of(tmp_path / name) == [(str(tmp_path / name), "DamagedTarShard")]
+
+
+def test_every_worker_sees_the_same_samples_of_a_damaged_shard(checkpoint, shard, tmp_path):  # noqa: F811
+    """Each DataLoader worker reads the whole shard, reading only its own samples' images: where the shard broke
+    must not depend on which samples a worker reads, or the workers' round robin would lose its order."""
+    from packed_vit.encode.job import PartsSource
+    from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation
+
+    cut = damaged_copy(shard, "cut.tar", lambda data, m: data[:m["k3.jpg"].offset_data + 7])
+    todo = [(part, 0) for part in find_parts([cut], part_size=10)]
+    _, processor = load_model_and_processor(str(checkpoint))
+
+    def entries(workers: int) -> list:
+        dataset = ChunkDataset(PartsSource(todo), CpuPreparation(processor), gpu_decode=False)
+        dataset.chunk_size = 1  # each worker a sample at a time: every worker's reads differ
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+        return [(e.tag, e.name, e.kind, e.why) for chunk in loader for e in chunk.entries]
+
+    alone = entries(0)
+    assert [name for _, name, _, _ in alone] == [f"{cut}/k0", f"{cut}/k1", f"{cut}/k2", str(cut)]
+    assert entries(2) == alone
+
+
+def test_the_job_goes_on_past_a_damaged_shard_names_it_and_exits_with_the_skip_status(checkpoint, shard, tmp_path,
+                                                                                        capsys):  # noqa: F811
+    cut = damaged_copy(shard, "cut.tar", lambda data, m: data[: int(len(data) * 0.6)])  # the issue's partial download
+    out = tmp_path / "out"
+    assert encode(str(cut), str(shard), "--model", str(checkpoint), "--out", str(out), "--workers", "1") == SKIPPED
+    captured = capsys.readouterr()
+    assert f"skipped {cut}: DamagedTarShard: tar shard {cut} is damaged" in captured.err
+    assert "skipped 1 unreadable file (DamagedTarShard: 1)" in captured.out
+    result = load_embeddings(out)
+    kept = [name for name in result.names if name.startswith(str(cut))]
+    assert kept == [f"{cut}/k{i}" for i in range(len(kept))] and len(kept) >= 2
+    assert result.names[len(kept):] == [f"{shard}/k{i}" for i in range(5)]  # the shard after it: all encoded
+    manifest = json.loads((out / "manifest.json").read_text())
+    (entry,) = [s for s in manifest["shards"] if s["skipped"]]
+    assert entry["skipped"] == [str(cut)] and f"{len(kept)} samples read before" in entry["skipped_why"][0]
+    assert manifest["skipped"] == 1 and manifest["complete"]
+
+
+def test_strict_stops_at_the_first_skip_and_a_run_without_it_resumes(checkpoint, shard, tmp_path, capsys):  # noqa: F811
+    cut = damaged_copy(shard, "cut.tar", lambda data, m: data[:m["k2.jpg"].offset_data + 10])
+    out = tmp_path / "out"
+    job = [str(shard), str(cut), "--model", str(checkpoint), "--out", str(out), "--workers", "0"]
+    assert encode(*job, "--strict") == FAILED
+    assert f"--strict: {cut} could not be encoded (DamagedTarShard" in capsys.readouterr().err
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    assert [p.name for p in out.glob("part-*")] == ["part-000000-00000.safetensors"]  # the intact shard: kept
+    assert encode(*job) == SKIPPED
+    assert load_embeddings(out).names == [f"{shard}/k{i}" for i in range(5)] + [f"{cut}/k0", f"{cut}/k1"]
