@@ -140,3 +140,106 @@ def test_strict_stops_at_the_first_skip_and_a_run_without_it_resumes(checkpoint,
     assert [p.name for p in out.glob("part-*")] == ["part-000000-00000.safetensors"]  # the intact shard: kept
     assert encode(*job) == SKIPPED
     assert load_embeddings(out).names == [f"{shard}/k{i}" for i in range(5)] + [f"{cut}/k0", f"{cut}/k1"]
+
+
+# ---- bad files ---------------------------------------------------------------------------------------------------
+
+
+def test_unreadable_vanished_and_missing_files_are_skipped_counted_and_named(checkpoint, tmp_path, capsys):  # noqa: F811
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(image_bytes(1))
+    (photos / "b_vanished.jpg").symlink_to(tmp_path / "moved-away.jpg")  # listed by its folder, gone when read
+    (photos / "c.png").write_bytes(image_bytes(2, "PNG"))
+    (photos / "d_not_an_image.png").write_bytes(b"text, not an image")
+    (tmp_path / "a_folder.jpg").mkdir()  # a path that cannot be read as a file
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photos / 'a.jpg'}\nnowhere.jpg\n{tmp_path / 'a_folder.jpg'}\n")
+    write_tar(tmp_path / "t.tar", {"x": {"json": b"{}"}, "y": {"jpg": image_bytes(3)}})  # x has no image
+    out = tmp_path / "e.safetensors"
+    assert encode(str(photos), str(listing), str(tmp_path / "t.tar"), "--model", str(checkpoint), "--out",
+                  str(out)) == SKIPPED  # fmt: skip
+    result = load_embeddings(out)
+    assert result.names == [str(photos / "a.jpg"), str(photos / "c.png"), str(photos / "a.jpg"), f"{tmp_path}/t.tar/y"]
+    why = dict(result.skipped)
+    assert list(why) == [str(photos / "b_vanished.jpg"), str(photos / "d_not_an_image.png"), str(tmp_path / "nowhere.jpg"),
+                         str(tmp_path / "a_folder.jpg"), f"{tmp_path}/t.tar/x"]  # fmt: skip
+    assert why[str(photos / "b_vanished.jpg")].startswith("FileNotFoundError")
+    assert why[str(tmp_path / "a_folder.jpg")].startswith("IsADirectoryError")
+    assert why[f"{tmp_path}/t.tar/x"].startswith("NoImageInSample: no member with an image extension")
+    printed = capsys.readouterr()
+    assert ("skipped 5 unreadable files (FileNotFoundError: 2, IsADirectoryError: 1, NoImageInSample: 1, "
+            "UnidentifiedImageError: 1)") in printed.out  # fmt: skip
+    for name in why:
+        assert f"skipped {name}: " in printed.err
+
+
+# ---- messy but valid images --------------------------------------------------------------------------------------
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (its pixels never come): what PIL's decompression-bomb check sees."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def messy_images(folder: Path) -> dict[str, Path]:
+    """Valid images of the kinds datasets hold, each a file."""
+    rng = np.random.default_rng(7)
+    rgb = PIL.Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    frames = [PIL.Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)) for _ in range(3)]
+    palette = rgb.convert("P", palette=PIL.Image.Palette.ADAPTIVE, colors=16)
+    rotated = PIL.Image.Exif()
+    rotated[0x0112] = 6  # EXIF orientation 6: the camera was turned, the picture must be rotated 90 degrees
+    images = {
+        "cmyk.jpg": (rgb.convert("CMYK"), "JPEG", {}),
+        "16-bit.png": (PIL.Image.fromarray(rng.integers(0, 65536, (40, 70), dtype=np.uint16)), "PNG", {}),
+        "1-bit.png": (rgb.convert("1"), "PNG", {}),
+        "palette-transparency.png": (palette, "PNG", {"transparency": 3}),
+        "animated.gif": (frames[0], "GIF", {"save_all": True, "append_images": frames[1:]}),
+        "animated.webp": (frames[0], "WEBP", {"save_all": True, "append_images": frames[1:], "lossless": True}),
+        "exif-rotated.jpg": (rgb, "JPEG", {"exif": rotated}),
+        "1x1.png": (PIL.Image.new("RGB", (1, 1), (200, 30, 60)), "PNG", {}),
+    }
+    paths = {}
+    for name, (image, fmt, options) in images.items():
+        paths[name] = folder / name
+        image.save(paths[name], fmt, **options)
+    return paths
+
+
+def test_messy_images_are_encoded_as_transformers_reads_them(checkpoint, tmp_path, capsys):  # noqa: F811
+    """Each is encoded, equal to the bit to transformers' reading of the file: EXIF orientation applied as its
+    `load_image` does (processors given a path read it so), then the processor's own RGB conversion of the first
+    frame (transparency composited onto white). An image past PIL's decompression-bomb limit is refused, named."""
+    from transformers.image_utils import load_image
+
+    folder = tmp_path / "messy"
+    folder.mkdir()
+    paths = messy_images(folder)
+    (folder / "zz-bomb.png").write_bytes(png_claiming(40_000, 40_000))  # 1.6 G pixels claimed: never allocated
+    out = tmp_path / "e.safetensors"
+    budget = 1  # every image alone in its forward, as the reference below
+    assert main_encode(str(folder), "--model", str(checkpoint), "--out", str(out), "--max-tokens", str(budget)) == SKIPPED
+    result = load_embeddings(out)
+    assert result.names == [str(p) for p in sorted(paths.values())]
+    ((bomb, why),) = result.skipped
+    assert bomb == str(folder / "zz-bomb.png") and why.startswith("DecompressionBombError: Image size (1600000000 pixels)")
+
+    model, processor = load_model_and_processor(str(checkpoint))
+    upright = [(str(p), PIL.ImageOps.exif_transpose(PIL.Image.open(p))) for p in sorted(paths.values())]
+    reference = encode_images(model, processor, upright, budget, progress=False)
+    assert torch.equal(result.tensors()["pooled"], reference.tensors()["pooled"])
+    assert result.sizes == [(im.height, im.width) for _, im in upright]
+    assert result.sizes[result.names.index(str(paths["exif-rotated.jpg"]))] == (70, 40)  # turned upright
+    assert load_image(str(paths["exif-rotated.jpg"])).size == (40, 70)  # transformers' load_image: the same way up
+    assert result.sizes[result.names.index(str(paths["animated.gif"]))] == (30, 50)  # the first frame
+
+
+def main_encode(*arguments: str) -> int:
+    from packed_vit.cli import main
+
+    return main(["encode", *arguments, "--no-progress"])
