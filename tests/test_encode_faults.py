@@ -243,3 +243,111 @@ def main_encode(*arguments: str) -> int:
     from packed_vit.cli import main
 
     return main(["encode", *arguments, "--no-progress"])
+
+
+# ---- write faults and damaged shards -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("many")
+    for i in range(12):
+        (folder / f"{i:03d}.jpg").write_bytes(image_bytes(1000 + i))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(checkpoint, many, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE
+    return out
+
+
+def job_of(checkpoint, many) -> list[str]:  # noqa: F811
+    return [str(many), "--model", str(checkpoint), "--shard-size", "3", "--workers", "0"]
+
+
+def assert_equal_runs(folder: Path, reference: Path) -> None:
+    got, expected = load_embeddings(folder), load_embeddings(reference)
+    assert got.names == expected.names and len(expected.names) == 12
+    assert torch.equal(got.tensors()["pooled"], expected.tensors()["pooled"])
+
+
+def no_temporaries(folder: Path) -> bool:
+    return not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_while_writing_a_shard_leaves_no_half_shard_and_the_rerun_resumes(checkpoint, many, uninterrupted,
+                                                                                     tmp_path, monkeypatch, capsys):  # noqa: F811
+    import packed_vit.encode.output as output
+
+    real_save_file, temporaries = output.save_file, []
+
+    def disk_full_at_the_fourth_shard(tensors, filename, metadata=None):
+        temporaries.append(Path(filename))
+        if len(temporaries) == 4:
+            Path(filename).write_bytes(b"half a shard")  # what a disk that fills up mid-write leaves
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(output, "save_file", disk_full_at_the_fourth_shard)
+    out = tmp_path / "out"
+    assert encode(*job_of(checkpoint, many), "--out", str(out)) == FAILED
+    err = capsys.readouterr().err
+    assert f"cannot write {out / 'part-000003-00000.safetensors'}: [Errno 28] No space left on device" in err
+    assert "no half-written shard is left, the 3 shards this run finished are kept" in err
+    assert len(list(out.glob("part-*"))) == 3 and no_temporaries(out)
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    # temporary names are the writer's own: host and pid in them
+    assert all(f".{socket.gethostname()}-{os.getpid()}-" in t.name for t in temporaries)
+
+    monkeypatch.setattr(output, "save_file", real_save_file)  # the disk has space again
+    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE
+    assert_equal_runs(out, uninterrupted)
+
+
+def test_a_fault_writing_the_manifest_leaves_the_old_one_and_the_rerun_writes_it(checkpoint, many, uninterrupted,
+                                                                                tmp_path, monkeypatch, capsys):  # noqa: F811
+    real_write_text = Path.write_text
+
+    def failing_for_the_final_manifest(self, text, *args, **kwargs):
+        if self.name.startswith(".manifest.json.") and '"complete": true' in text:
+            real_write_text(self, text[:100])
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing_for_the_final_manifest)
+    out = tmp_path / "out"
+    assert encode(*job_of(checkpoint, many), "--out", str(out)) == FAILED
+    assert f"cannot write {out / 'manifest.json'}: [Errno 5] Input/output error" in capsys.readouterr().err
+    assert not json.loads((out / "manifest.json").read_text())["complete"] and no_temporaries(out)
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE
+    assert_equal_runs(out, uninterrupted)
+
+
+def test_damaged_or_missing_shards_are_found_on_resume_and_encoded_again(checkpoint, many, uninterrupted, tmp_path,
+                                                                        capsys):  # noqa: F811
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    shards = sorted(out.glob("part-*.safetensors"))
+    truncated, flipped, deleted = shards[0], shards[2], shards[3]
+    truncated.write_bytes(truncated.read_bytes()[:-100])  # a machine crash: a shard's end never reached the disk
+    cut = truncated.stat().st_size
+    data = bytearray(flipped.read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in its embeddings: the size is right, the checksum is not
+    flipped.write_bytes(data)
+    deleted.unlink()  # removed by hand
+    untouched = {p.name: p.stat().st_mtime_ns for p in shards if p not in (truncated, flipped, deleted)}
+    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE
+    err = capsys.readouterr().err
+    assert f"shard {truncated} is damaged ({cut} bytes, its header says {cut + 100})" in err
+    assert f"shard {flipped} is damaged (the sha256 of its pooled differs from the one written)" in err
+    assert_equal_runs(out, uninterrupted)
+    rewritten = {p.name for p in out.glob("part-*.safetensors") if untouched.get(p.name) != p.stat().st_mtime_ns}
+    assert {truncated.name, flipped.name, deleted.name} <= rewritten
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(s["bytes"] == (out / s["file"]).stat().st_size and set(s["sha256"]) == {"pooled", "grid_thw"}
+               for s in manifest["shards"])  # fmt: skip
