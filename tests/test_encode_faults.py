@@ -351,3 +351,63 @@ def test_damaged_or_missing_shards_are_found_on_resume_and_encoded_again(checkpo
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(s["bytes"] == (out / s["file"]).stat().st_size and set(s["sha256"]) == {"pooled", "grid_thw"}
                for s in manifest["shards"])  # fmt: skip
+
+
+# ---- two runs, interrupts, torchrun ------------------------------------------------------------------------------
+
+
+def start(*arguments: str) -> subprocess.Popen:
+    return subprocess.Popen(command(*arguments), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert condition(), f"the run ended first: {process.poll()}"
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_first(checkpoint, many, uninterrupted, tmp_path):  # noqa: F811
+    """Two real processes: the second is refused at once, naming the first (pid, host); the first is undisturbed."""
+    out = tmp_path / "out"
+    first = start(*job_of(checkpoint, many), "--out", str(out))
+    wait_for(lambda: f"pid {first.pid} " in ((out / ".lock").read_text() if (out / ".lock").exists() else ""), first)
+    os.kill(first.pid, signal.SIGSTOP)  # holding its lock, however long the second takes to start on a busy machine
+    try:
+        second = subprocess.run(command(*job_of(checkpoint, many), "--out", str(out)), capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == REFUSED, second.stderr[-2000:]
+    assert f"is in use by another encode run (pid {first.pid} on host {socket.gethostname()}" in second.stderr
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == DONE, stderr[-2000:]
+    assert_equal_runs(out, uninterrupted)
+    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE  # the lock went with the first run
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_leaves_a_resumable_folder_and_says_so(checkpoint, many, uninterrupted, tmp_path, signum,
+                                                                 monkeypatch, capsys):  # noqa: F811
+    """The signal is sent to this very process once its second shard is written (in the writer: at a known point,
+    not at whatever point a timer would hit)."""
+    import packed_vit.encode.output as output
+
+    real_close_shard = output.ShardWriter.close_shard
+
+    def signalled_after_the_second_shard(self, part_complete):
+        real_close_shard(self, part_complete)
+        if self.written == 2:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(output.ShardWriter, "close_shard", signalled_after_the_second_shard)
+    out = tmp_path / "out"
+    assert encode(*job_of(checkpoint, many), "--out", str(out)) == 128 + signum
+    err = capsys.readouterr().err
+    assert f"interrupted by {signal.Signals(signum).name}: the shards finished so far are kept in {out}" in err
+    assert "run the same command again to resume" in err
+    assert len(list(out.glob("part-*.safetensors"))) == 2 and no_temporaries(out)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the job's handler is gone with the job
+    monkeypatch.setattr(output.ShardWriter, "close_shard", real_close_shard)
+    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE
+    assert_equal_runs(out, uninterrupted)
