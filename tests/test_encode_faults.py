@@ -8,14 +8,12 @@ are exact (`torch.equal`): the same images in the same forwards give the same bi
 """
 
 import errno
-import io
 import json
 import os
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import tarfile
 import time
 import zlib
@@ -26,12 +24,18 @@ import PIL.Image
 import PIL.ImageOps
 import pytest
 import torch
-from test_encode_job import BUDGET, checkpoint, command, encode, image_bytes, write_tar  # noqa: F401 (a fixture)
+from test_encode_job import checkpoint, command, encode, image_bytes, write_tar  # noqa: F401 (a fixture)
 
 from packed_vit.encode import encode_images, load_embeddings, load_model_and_processor
 from packed_vit.encode.inputs import DamagedTarShard, find_parts
 
 DONE, FAILED, REFUSED, SKIPPED = 0, 1, 2, 3  # the exit statuses (docs/encode-faults.md)
+
+
+
+@pytest.fixture(scope="module")
+def siglip2(checkpoint):  # noqa: F811 (test_encode_job's tiny checkpoint fixture, built once per module)
+    return checkpoint
 
 
 def samples_of(tar: Path) -> list[tuple[str, str | None]]:
@@ -91,7 +95,7 @@ def test_an_empty_or_non_tar_file_is_one_damaged_sample(tmp_path):
         assert samples_of(tmp_path / name) == [(str(tmp_path / name), "DamagedTarShard")]
 
 
-def test_every_worker_sees_the_same_samples_of_a_damaged_shard(checkpoint, shard, tmp_path):  # noqa: F811
+def test_every_worker_sees_the_same_samples_of_a_damaged_shard(siglip2, shard, tmp_path):
     """Each DataLoader worker reads the whole shard, reading only its own samples' images: where the shard broke
     must not depend on which samples a worker reads, or the workers' round robin would lose its order."""
     from packed_vit.encode.job import PartsSource
@@ -99,7 +103,7 @@ def test_every_worker_sees_the_same_samples_of_a_damaged_shard(checkpoint, shard
 
     cut = damaged_copy(shard, "cut.tar", lambda data, m: data[:m["k3.jpg"].offset_data + 7])
     todo = [(part, 0) for part in find_parts([cut], part_size=10)]
-    _, processor = load_model_and_processor(str(checkpoint))
+    _, processor = load_model_and_processor(str(siglip2))
 
     def entries(workers: int) -> list:
         dataset = ChunkDataset(PartsSource(todo), CpuPreparation(processor), gpu_decode=False)
@@ -112,11 +116,11 @@ def test_every_worker_sees_the_same_samples_of_a_damaged_shard(checkpoint, shard
     assert entries(2) == alone
 
 
-def test_the_job_goes_on_past_a_damaged_shard_names_it_and_exits_with_the_skip_status(checkpoint, shard, tmp_path,
-                                                                                        capsys):  # noqa: F811
+def test_the_job_goes_on_past_a_damaged_shard_names_it_and_exits_with_the_skip_status(siglip2, shard, tmp_path,
+                                                                                        capsys):
     cut = damaged_copy(shard, "cut.tar", lambda data, m: data[: int(len(data) * 0.6)])  # the issue's partial download
     out = tmp_path / "out"
-    assert encode(str(cut), str(shard), "--model", str(checkpoint), "--out", str(out), "--workers", "1") == SKIPPED
+    assert encode(str(cut), str(shard), "--model", str(siglip2), "--out", str(out), "--workers", "1") == SKIPPED
     captured = capsys.readouterr()
     assert f"skipped {cut}: DamagedTarShard: tar shard {cut} is damaged" in captured.err
     assert "skipped 1 unreadable file (DamagedTarShard: 1)" in captured.out
@@ -130,10 +134,10 @@ def test_the_job_goes_on_past_a_damaged_shard_names_it_and_exits_with_the_skip_s
     assert manifest["skipped"] == 1 and manifest["complete"]
 
 
-def test_strict_stops_at_the_first_skip_and_a_run_without_it_resumes(checkpoint, shard, tmp_path, capsys):  # noqa: F811
+def test_strict_stops_at_the_first_skip_and_a_run_without_it_resumes(siglip2, shard, tmp_path, capsys):
     cut = damaged_copy(shard, "cut.tar", lambda data, m: data[:m["k2.jpg"].offset_data + 10])
     out = tmp_path / "out"
-    job = [str(shard), str(cut), "--model", str(checkpoint), "--out", str(out), "--workers", "0"]
+    job = [str(shard), str(cut), "--model", str(siglip2), "--out", str(out), "--workers", "0"]
     assert encode(*job, "--strict") == FAILED
     assert f"--strict: {cut} could not be encoded (DamagedTarShard" in capsys.readouterr().err
     assert not json.loads((out / "manifest.json").read_text())["complete"]
@@ -145,7 +149,7 @@ def test_strict_stops_at_the_first_skip_and_a_run_without_it_resumes(checkpoint,
 # ---- bad files ---------------------------------------------------------------------------------------------------
 
 
-def test_unreadable_vanished_and_missing_files_are_skipped_counted_and_named(checkpoint, tmp_path, capsys):  # noqa: F811
+def test_unreadable_vanished_and_missing_files_are_skipped_counted_and_named(siglip2, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.jpg").write_bytes(image_bytes(1))
@@ -157,7 +161,7 @@ def test_unreadable_vanished_and_missing_files_are_skipped_counted_and_named(che
     listing.write_text(f"{photos / 'a.jpg'}\nnowhere.jpg\n{tmp_path / 'a_folder.jpg'}\n")
     write_tar(tmp_path / "t.tar", {"x": {"json": b"{}"}, "y": {"jpg": image_bytes(3)}})  # x has no image
     out = tmp_path / "e.safetensors"
-    assert encode(str(photos), str(listing), str(tmp_path / "t.tar"), "--model", str(checkpoint), "--out",
+    assert encode(str(photos), str(listing), str(tmp_path / "t.tar"), "--model", str(siglip2), "--out",
                   str(out)) == SKIPPED  # fmt: skip
     result = load_embeddings(out)
     assert result.names == [str(photos / "a.jpg"), str(photos / "c.png"), str(photos / "a.jpg"), f"{tmp_path}/t.tar/y"]
@@ -211,7 +215,7 @@ def messy_images(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def test_messy_images_are_encoded_as_transformers_reads_them(checkpoint, tmp_path, capsys):  # noqa: F811
+def test_messy_images_are_encoded_as_transformers_reads_them(siglip2, tmp_path, capsys):
     """Each is encoded, equal to the bit to transformers' reading of the file: EXIF orientation applied as its
     `load_image` does (processors given a path read it so), then the processor's own RGB conversion of the first
     frame (transparency composited onto white). An image past PIL's decompression-bomb limit is refused, named."""
@@ -223,13 +227,13 @@ def test_messy_images_are_encoded_as_transformers_reads_them(checkpoint, tmp_pat
     (folder / "zz-bomb.png").write_bytes(png_claiming(40_000, 40_000))  # 1.6 G pixels claimed: never allocated
     out = tmp_path / "e.safetensors"
     budget = 1  # every image alone in its forward, as the reference below
-    assert main_encode(str(folder), "--model", str(checkpoint), "--out", str(out), "--max-tokens", str(budget)) == SKIPPED
+    assert main_encode(str(folder), "--model", str(siglip2), "--out", str(out), "--max-tokens", str(budget)) == SKIPPED
     result = load_embeddings(out)
     assert result.names == [str(p) for p in sorted(paths.values())]
     ((bomb, why),) = result.skipped
     assert bomb == str(folder / "zz-bomb.png") and why.startswith("DecompressionBombError: Image size (1600000000 pixels)")
 
-    model, processor = load_model_and_processor(str(checkpoint))
+    model, processor = load_model_and_processor(str(siglip2))
     upright = [(str(p), PIL.ImageOps.exif_transpose(PIL.Image.open(p))) for p in sorted(paths.values())]
     reference = encode_images(model, processor, upright, budget, progress=False)
     assert torch.equal(result.tensors()["pooled"], reference.tensors()["pooled"])
@@ -257,14 +261,14 @@ def many(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(checkpoint, many, tmp_path_factory) -> Path:  # noqa: F811
+def uninterrupted(siglip2, many, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
-    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE
+    assert encode(*job_of(siglip2, many), "--out", str(out)) == DONE
     return out
 
 
-def job_of(checkpoint, many) -> list[str]:  # noqa: F811
-    return [str(many), "--model", str(checkpoint), "--shard-size", "3", "--workers", "0"]
+def job_of(siglip2, many) -> list[str]:
+    return [str(many), "--model", str(siglip2), "--shard-size", "3", "--workers", "0"]
 
 
 def assert_equal_runs(folder: Path, reference: Path) -> None:
@@ -277,8 +281,8 @@ def no_temporaries(folder: Path) -> bool:
     return not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_full_disk_while_writing_a_shard_leaves_no_half_shard_and_the_rerun_resumes(checkpoint, many, uninterrupted,
-                                                                                     tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_a_full_disk_while_writing_a_shard_leaves_no_half_shard_and_the_rerun_resumes(siglip2, many, uninterrupted,
+                                                                                     tmp_path, monkeypatch, capsys):
     import packed_vit.encode.output as output
 
     real_save_file, temporaries = output.save_file, []
@@ -292,7 +296,7 @@ def test_a_full_disk_while_writing_a_shard_leaves_no_half_shard_and_the_rerun_re
 
     monkeypatch.setattr(output, "save_file", disk_full_at_the_fourth_shard)
     out = tmp_path / "out"
-    assert encode(*job_of(checkpoint, many), "--out", str(out)) == FAILED
+    assert encode(*job_of(siglip2, many), "--out", str(out)) == FAILED
     err = capsys.readouterr().err
     assert f"cannot write {out / 'part-000003-00000.safetensors'}: [Errno 28] No space left on device" in err
     assert "no half-written shard is left, the 3 shards this run finished are kept" in err
@@ -302,12 +306,12 @@ def test_a_full_disk_while_writing_a_shard_leaves_no_half_shard_and_the_rerun_re
     assert all(f".{socket.gethostname()}-{os.getpid()}-" in t.name for t in temporaries)
 
     monkeypatch.setattr(output, "save_file", real_save_file)  # the disk has space again
-    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE
+    assert encode(*job_of(siglip2, many), "--out", str(out)) == DONE
     assert_equal_runs(out, uninterrupted)
 
 
-def test_a_fault_writing_the_manifest_leaves_the_old_one_and_the_rerun_writes_it(checkpoint, many, uninterrupted,
-                                                                                tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_a_fault_writing_the_manifest_leaves_the_old_one_and_the_rerun_writes_it(siglip2, many, uninterrupted,
+                                                                                tmp_path, monkeypatch, capsys):
     real_write_text = Path.write_text
 
     def failing_for_the_final_manifest(self, text, *args, **kwargs):
@@ -318,16 +322,16 @@ def test_a_fault_writing_the_manifest_leaves_the_old_one_and_the_rerun_writes_it
 
     monkeypatch.setattr(Path, "write_text", failing_for_the_final_manifest)
     out = tmp_path / "out"
-    assert encode(*job_of(checkpoint, many), "--out", str(out)) == FAILED
+    assert encode(*job_of(siglip2, many), "--out", str(out)) == FAILED
     assert f"cannot write {out / 'manifest.json'}: [Errno 5] Input/output error" in capsys.readouterr().err
     assert not json.loads((out / "manifest.json").read_text())["complete"] and no_temporaries(out)
     monkeypatch.setattr(Path, "write_text", real_write_text)
-    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE
+    assert encode(*job_of(siglip2, many), "--out", str(out)) == DONE
     assert_equal_runs(out, uninterrupted)
 
 
-def test_damaged_or_missing_shards_are_found_on_resume_and_encoded_again(checkpoint, many, uninterrupted, tmp_path,
-                                                                        capsys):  # noqa: F811
+def test_damaged_or_missing_shards_are_found_on_resume_and_encoded_again(siglip2, many, uninterrupted, tmp_path,
+                                                                        capsys):
     import shutil
 
     out = tmp_path / "out"
@@ -341,7 +345,7 @@ def test_damaged_or_missing_shards_are_found_on_resume_and_encoded_again(checkpo
     flipped.write_bytes(data)
     deleted.unlink()  # removed by hand
     untouched = {p.name: p.stat().st_mtime_ns for p in shards if p not in (truncated, flipped, deleted)}
-    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE
+    assert encode(*job_of(siglip2, many), "--out", str(out)) == DONE
     err = capsys.readouterr().err
     assert f"shard {truncated} is damaged ({cut} bytes, its header says {cut + 100})" in err
     assert f"shard {flipped} is damaged (the sha256 of its pooled differs from the one written)" in err
@@ -367,14 +371,14 @@ def wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None
     assert condition(), f"the run ended first: {process.poll()}"
 
 
-def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_first(checkpoint, many, uninterrupted, tmp_path):  # noqa: F811
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_first(siglip2, many, uninterrupted, tmp_path):
     """Two real processes: the second is refused at once, naming the first (pid, host); the first is undisturbed."""
     out = tmp_path / "out"
-    first = start(*job_of(checkpoint, many), "--out", str(out))
+    first = start(*job_of(siglip2, many), "--out", str(out))
     wait_for(lambda: f"pid {first.pid} " in ((out / ".lock").read_text() if (out / ".lock").exists() else ""), first)
     os.kill(first.pid, signal.SIGSTOP)  # holding its lock, however long the second takes to start on a busy machine
     try:
-        second = subprocess.run(command(*job_of(checkpoint, many), "--out", str(out)), capture_output=True,
+        second = subprocess.run(command(*job_of(siglip2, many), "--out", str(out)), capture_output=True,
                                 text=True, timeout=120)  # fmt: skip
     finally:
         os.kill(first.pid, signal.SIGCONT)
@@ -383,12 +387,12 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_first(checkpoint,
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == DONE, stderr[-2000:]
     assert_equal_runs(out, uninterrupted)
-    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE  # the lock went with the first run
+    assert encode(*job_of(siglip2, many), "--out", str(out)) == DONE  # the lock went with the first run
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_sigterm_or_ctrl_c_leaves_a_resumable_folder_and_says_so(checkpoint, many, uninterrupted, tmp_path, signum,
-                                                                 monkeypatch, capsys):  # noqa: F811
+def test_sigterm_or_ctrl_c_leaves_a_resumable_folder_and_says_so(siglip2, many, uninterrupted, tmp_path, signum,
+                                                                 monkeypatch, capsys):
     """The signal is sent to this very process once its second shard is written (in the writer: at a known point,
     not at whatever point a timer would hit)."""
     import packed_vit.encode.output as output
@@ -402,12 +406,13 @@ def test_sigterm_or_ctrl_c_leaves_a_resumable_folder_and_says_so(checkpoint, man
 
     monkeypatch.setattr(output.ShardWriter, "close_shard", signalled_after_the_second_shard)
     out = tmp_path / "out"
-    assert encode(*job_of(checkpoint, many), "--out", str(out)) == 128 + signum
+    assert encode(*job_of(siglip2, many), "--out", str(out)) == 128 + signum
     err = capsys.readouterr().err
     assert f"interrupted by {signal.Signals(signum).name}: the shards finished so far are kept in {out}" in err
     assert "run the same command again to resume" in err
     assert len(list(out.glob("part-*.safetensors"))) == 2 and no_temporaries(out)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the job's handler is gone with the job
     monkeypatch.setattr(output.ShardWriter, "close_shard", real_close_shard)
-    assert encode(*job_of(checkpoint, many), "--out", str(out)) == DONE
+    assert encode(*job_of(siglip2, many), "--out", str(out)) == DONE
     assert_equal_runs(out, uninterrupted)
+

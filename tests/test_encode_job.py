@@ -25,6 +25,7 @@ from reference import siglip2_pair
 
 from packed_vit.cli import main
 from packed_vit.encode import encode_images, load_embeddings, load_model_and_processor, token_budget_batches
+from packed_vit.encode.output import shard_metadata
 
 BUDGET = 600  # patches per forward: a few images each (each image is at most 256 patches)
 SKIPPED = 3  # the exit status of a job that completed with samples skipped
@@ -237,15 +238,31 @@ def test_resume_after_kill_9_redoes_no_finished_shard_and_equals_an_uninterrupte
 # ---- torchrun --------------------------------------------------------------------------------------------------
 
 
-def test_torchrun_two_gloo_ranks_equal_one_process(checkpoint, photos, tmp_path):
+def test_torchrun_a_failing_rank_ends_the_others_the_rerun_resumes_counts_every_rank_and_equals_one_process(
+        checkpoint, photos, tmp_path):  # fmt: skip
+    """2 gloo ranks. With --strict, rank 0 stops at the broken photo (in its part): rank 1 ends too, cleanly (gloo
+    tells it the peer has gone, or torchrun's SIGTERM), no hang. The same command without --strict resumes; rank 0's
+    bar counts both ranks' samples (the whole job); the merged result equals one process."""
     write_tar(tmp_path / "t-0.tar", {f"k{i}": {"jpg": image_bytes(200 + i)} for i in range(5)})
     write_tar(tmp_path / "t-1.tar", {f"k{i}": {"jpg": image_bytes(300 + i)} for i in range(4)})
     job = [str(tmp_path / "t-{0..1}.tar"), str(photos), "--model", str(checkpoint), "--shard-size", "3",
            "--workers", "1", "--device", "cpu"]  # fmt: skip
+    # parts: the two tars (0, 1), the 14 photos by 3 (2..6); 05b_broken.jpg opens part 4: rank 0's
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "packed_vit"]
-    two = subprocess.run([*torchrun, *command(*job, "--out", str(tmp_path / "two"))[3:]], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    stopped = subprocess.run([*torchrun, *command(*job, "--out", str(tmp_path / "two"), "--strict")[3:]],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert stopped.returncode != 0
+    assert f"rank 0: --strict: {photos / '05b_broken.jpg'} could not be encoded" in stopped.stderr
+    assert "rank 1: another rank failed" in stopped.stderr or "rank 1: interrupted by SIGTERM" in stopped.stderr, \
+        stopped.stderr[-3000:]  # fmt: skip
+    kept = sum(len(json.loads(shard_metadata(p)["names"])) + len(json.loads(shard_metadata(p)["skipped"]))
+               for p in (tmp_path / "two").glob("part-*.safetensors"))  # shards finished before the stop
+
+    with_bar = ["encode", *job, "--out", str(tmp_path / "two"), "--max-tokens", str(BUDGET)]
+    two = subprocess.run([*torchrun, *with_bar], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]  # skips end a torchrun job with 0: torchrun fails any other
+    final = [line for line in two.stderr.replace("\r", "\n").splitlines() if line.startswith("2 ranks: 100%")]
+    assert final and final[-1].split("|")[2].split()[0] == f"{23 - kept}/{23 - kept}", two.stderr[-3000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun sets each rank (OMP_NUM_THREADS=1): the CPU kernels then sum alike
     try:

@@ -244,7 +244,8 @@ def run_job(options: JobOptions, started: float | None = None) -> int:
         kept = (f"the shards finished so far are kept in {options.out}, the one in progress is dropped: run the same "
                 "command again to resume") if options.to_folder else \
             f"nothing was written ({options.out} is written at the end; --out DIR makes a resumable job)"  # fmt: skip
-        return fail(f"interrupted by {signal.Signals(signum).name}: {kept}", 128 + signum)
+        prefix = f"rank {rank}: " if world_size > 1 else ""
+        return fail(f"{prefix}interrupted by {signal.Signals(signum).name}: {kept}", 128 + signum)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -320,7 +321,10 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
 
     known = [part.known_length for part, _ in todo]
     total = None if None in known else sum(known) - sum(start for _, start in todo)
-    totals = ranks.gather(total)  # the whole job's, for rank 0's bar
+    try:
+        totals = ranks.gather(total)  # the whole job's, for rank 0's bar
+    except RuntimeError as error:  # a rank failed before it started (gloo: the peer closed its connection)
+        return other_rank_failed(error, prefix, folder)
     bar = Progress(None if None in totals else sum(totals), enabled=options.progress and rank == 0,
                    description=f"{world_size} ranks" if world_size > 1 else None)  # fmt: skip
     counts = ranks.SharedCounts(folder, rank, world_size) if world_size > 1 else None
@@ -328,7 +332,7 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
 
     def close_bar() -> None:
         if watcher is not None:
-            watcher.set()
+            watcher()
         bar.close()
 
     encoded = False
@@ -363,12 +367,12 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
         entry = stop.args[0]
         kept = (f"the shards finished before it are kept in {folder}: the same command without --strict resumes and "
                 "skips it") if options.to_folder else "nothing was written"  # fmt: skip
-        return fail(f"--strict: {entry.name} could not be encoded ({entry.why}); stopped, {kept}", EXIT_FAILED)
+        return fail(f"{prefix}--strict: {entry.name} could not be encoded ({entry.why}); stopped, {kept}", EXIT_FAILED)
     except WriteFault as fault:
         kept = (f"no half-written shard is left, the {writer.written} shards this run finished are kept: once the "
                 "fault is cleared, run the same command again to resume") if options.to_folder else \
             "nothing was written"  # fmt: skip
-        return fail(f"{fault}; {kept}", EXIT_FAILED)
+        return fail(f"{prefix}{fault}; {kept}", EXIT_FAILED)
     except ValueError as error:
         return fail(str(error))
     finally:
@@ -386,13 +390,17 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
     try:
         summaries = ranks.gather(summary)  # rank 0's bar still moves with the others' counts meanwhile
     except RuntimeError as error:  # a rank died before it finished (gloo: the peer closed its connection)
-        return fail(f"{prefix}another rank failed ({error}); this rank's shards are kept in {folder}: run the same "
-                    "command again to resume", EXIT_FAILED)  # fmt: skip
+        return other_rank_failed(error, prefix, folder)
     finally:
         close_bar()
     if rank != 0:
         return EXIT_DONE
     return finish(options, parts, job, summaries, embeddings, summary, started, finished)
+
+
+def other_rank_failed(error: Exception, prefix: str, folder: Path) -> int:
+    return fail(f"{prefix}another rank failed ({error}); the shards finished are kept in {folder}: run the same "
+                "command again to resume", EXIT_FAILED)  # fmt: skip
 
 
 def finish(options: JobOptions, parts: list[Part], job: dict, summaries: list[dict], embeddings: Embeddings,
@@ -427,10 +435,12 @@ def finish(options: JobOptions, parts: list[Part], job: dict, summaries: list[di
     kinds = collections.Counter(why.split(":", 1)[0] for why in reasons)
     by_kind = f" ({', '.join(f'{kind}: {n}' for kind, n in sorted(kinds.items()))})" if kinds else ""
     forwards = len(embeddings.batch_sizes)
-    steady = finished - (summary["startup_seconds"] + started)
+    # The rate of this run's images (a resumed run's folder holds more), from each rank's first forward on.
+    encoded_now = sum(s["images"] for s in summaries)
+    steady = max(s["seconds"] - s["startup_seconds"] for s in summaries)
+    rate = f"{encoded_now / max(steady, 1e-9):.1f} images/s from the first forward on" if encoded_now else "none encoded now"
     print(
-        f"Encoded {images} image{'s' * (images != 1)} in {seconds:.2f} s ({images / max(steady, 1e-9):.1f} images/s "
-        "from the first forward on"
+        f"Encoded {images} image{'s' * (images != 1)} in {seconds:.2f} s ({rate}"
         f"{f', {world_size} ranks' if world_size > 1 else ''}); skipped {skipped} unreadable file"
         f"{'s' * (skipped != 1)}{by_kind}; wrote {where}. Start-up (process start to first forward) "
         f"{summary['startup_seconds']:.2f} s, of which model load {summary['load_seconds']:.2f} s"

@@ -130,15 +130,21 @@ class SharedCounts:
             path.unlink(missing_ok=True)
 
 
-def watch_others(counts: SharedCounts, show: Callable[[int, int], None]) -> threading.Event:
+def watch_others(counts: SharedCounts, show: Callable[[int, int], None]) -> Callable[[], None]:
     """Rank 0: a thread passes the other ranks' counts to `show` every COUNTS_INTERVAL seconds, also while rank 0
-    waits for them at the end, until the event returned is set."""
+    waits for them at the end. Returns what stops it, once more passing the counts as last written."""
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.wait(COUNTS_INTERVAL):
             show(*counts.others())
+
+    thread = threading.Thread(target=watch, name="packed-vit rank counts", daemon=True)
+    thread.start()
+
+    def stop_watching() -> None:
+        stop.set()
+        thread.join()
         show(*counts.others())
 
-    threading.Thread(target=watch, name="packed-vit rank counts", daemon=True).start()
-    return stop
+    return stop_watching
