@@ -416,3 +416,40 @@ def test_sigterm_or_ctrl_c_leaves_a_resumable_folder_and_says_so(siglip2, many, 
     assert encode(*job_of(siglip2, many), "--out", str(out)) == DONE
     assert_equal_runs(out, uninterrupted)
 
+
+
+# ---- all of it at once -------------------------------------------------------------------------------------------
+
+
+def test_good_inputs_mixed_with_every_bad_one_complete_and_equal_the_good_alone(siglip2, shard, tmp_path, capsys):
+    good = tmp_path / "good"
+    good.mkdir()
+    messy_images(good)
+    for i in range(5):
+        (good / f"photo-{i}.jpg").write_bytes(image_bytes(600 + i))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    (bad / "vanished.png").symlink_to(tmp_path / "gone.png")
+    (bad / "bomb.png").write_bytes(png_claiming(40_000, 40_000))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"missing.jpg\n{bad}\n")
+    write_tar(tmp_path / "no-image.tar", {"x": {"txt": b"a caption, no image"}})
+    cut = damaged_copy(shard, "cut.tar", lambda data, m: data[:m["k2.jpg"].offset_data + 10])
+    corrupt = damaged_copy(shard, "corrupt.tar", lambda data, m: b"\x7f" * 512 + data[512:])  # its first header
+    (tmp_path / "empty.tar").write_bytes(b"")
+    inputs = [str(good), str(shard)]
+    bad_inputs = [str(bad), str(cut), str(listing), str(tmp_path / "no-image.tar"), str(corrupt),
+                  str(tmp_path / "empty.tar")]  # fmt: skip
+    common = ["--model", str(siglip2), "--shard-size", "4", "--workers", "2"]
+    assert encode(*inputs, *bad_inputs, *common, "--out", str(tmp_path / "mixed")) == SKIPPED
+    assert encode(*inputs, *common, "--out", str(tmp_path / "good-alone")) == DONE
+    mixed, alone = load_embeddings(tmp_path / "mixed"), load_embeddings(tmp_path / "good-alone")
+    assert mixed.names[: len(alone.names)] == alone.names
+    assert mixed.names[len(alone.names):] == [f"{cut}/k0", f"{cut}/k1"]  # the readable part of the cut shard
+    assert torch.equal(mixed.tensors()["pooled"][: len(alone.names)], alone.tensors()["pooled"])  # to the bit
+    assert sorted(name for name, _ in mixed.skipped) == sorted([
+        str(bad / "bomb.png"), str(bad / "corrupt.jpg"), str(bad / "vanished.png"), str(cut),
+        str(tmp_path / "missing.jpg"), str(bad), f"{tmp_path}/no-image.tar/x", str(corrupt), str(tmp_path / "empty.tar"),
+    ])  # fmt: skip
+    assert "skipped 9 unreadable files" in capsys.readouterr().out
