@@ -27,7 +27,7 @@ import torch
 from test_encode_job import checkpoint, command, encode, image_bytes, write_tar  # noqa: F401 (a fixture)
 
 from packed_vit.encode import encode_images, load_embeddings, load_model_and_processor
-from packed_vit.encode.inputs import DamagedTarShard, find_parts
+from packed_vit.encode.inputs import find_parts
 
 DONE, FAILED, REFUSED, SKIPPED = 0, 1, 2, 3  # the exit statuses (docs/encode-faults.md)
 
@@ -83,6 +83,8 @@ def test_a_damaged_tar_shard_keeps_every_sample_before_the_damage_and_names_it(s
     read = samples_of(cut)
     assert read[:kept] == [(f"{cut}/k{i}", None) for i in range(kept)]
     assert read[kept:] == [(str(cut), "DamagedTarShard")]  # one more sample: the shard, with what happened
+    from packed_vit.encode.inputs import DamagedTarShard
+
     (_, last), = [(p, s) for p, s in find_parts([cut], 10)[0].samples() if s.name == str(cut)]
     with pytest.raises(DamagedTarShard, match=f"{where}.*{kept} samples? read before the damage"):
         last.read_bytes()
