@@ -197,6 +197,7 @@ def test_another_job_in_the_folder_is_refused_unless_overwrite(checkpoint, photo
     (tmp_path / "other" / "notes.md").write_text("mine")
     assert encode(str(photos / "00.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "other")) == 2
     assert "is not an encode output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.md"]  # refused before any lock file
 
 
 def command(*arguments: str) -> list[str]:

@@ -89,8 +89,10 @@ def expand_braces(pattern: str) -> list[str]:
 def files_in_folder(folder: Path) -> list[Path]:
     """Image files under `folder` by extension, sorted; a dangling link too (a file that has vanished): it is
     reported and skipped when read, not left out unnoticed."""
-    files = (p for p in folder.rglob("*")
-             if (p.is_file() or p.is_symlink() and not p.exists()) and p.suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
+    def listed(path: Path) -> bool:
+        return path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or path.is_symlink() and not path.exists())
+
+    files = (path for path in folder.rglob("*") if listed(path))
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())  # the same order on every run
 
 
@@ -244,22 +246,25 @@ def tar_samples(tar: Path, wanted) -> Iterator[tuple[int, Sample | None]]:
             size = os.fstat(stream.fileno()).st_size
             archive = tarfile.open(fileobj=stream, mode="r|")
             for member in archive:
+                archive.members = []  # as webdataset: a shard of a million members needs no list of them
+                key, extension = base_plus_ext(member.name) if member.isreg() else (None, None)
+                is_image = key is not None and "." + extension.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
                 if member.offset_data + member.size > size:
                     damage = f"cut short in member {member.name!r}: the file ends at byte {size}"
+                    if is_image and keys and keys[-1] == key:
+                        has_image.add(len(keys) - 1)  # that sample's image is the member lost
                     break
-                key, extension = base_plus_ext(member.name) if member.isreg() else (None, None)
                 if key is None or is_webdataset_metadata(member.name):
                     continue
                 if not keys or keys[-1] != key:
                     keys.append(key)
                     yield from finished(len(keys) - 1)  # every sample before the new key is complete
                 position = len(keys) - 1
-                if position in has_image or "." + extension.lower().rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
+                if position in has_image or not is_image:
                     continue
                 has_image.add(position)
                 if wanted(position):
                     images[position] = archive.extractfile(member).read()
-                archive.members = []  # as webdataset: a shard of a million members needs no list of them
             else:
                 damage = end_of_archive_damage(stream, archive.offset, size)
     except (OSError, tarfile.TarError, EOFError) as error:

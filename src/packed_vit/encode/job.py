@@ -21,7 +21,7 @@ import torch
 from . import ranks
 from .inputs import Part, find_parts
 from .output import Embeddings, FolderBusy, FolderLock, JobMismatch, ShardWriter, WriteFault, finished_shards, \
-    prepare_folder, read_manifest, resume_position, save_embeddings, write_manifest  # fmt: skip
+    prepare_folder, read_manifest, refuse_foreign_folder, resume_position, save_embeddings, write_manifest  # fmt: skip
 from .pipeline import PairsSource, encoded_results
 
 DEFAULT_MAX_TOKENS = 16384
@@ -247,7 +247,7 @@ def run_job(options: JobOptions, started: float | None = None) -> int:
         prefix = f"rank {rank}: " if world_size > 1 else ""
         return fail(f"{prefix}interrupted by {signal.Signals(signum).name}: {kept}", 128 + signum)
     finally:
-        if in_main_thread:
+        if previous is not None:  # None: not set from Python, or not the main thread
             signal.signal(signal.SIGTERM, previous)
         ranks.finish()
 
@@ -277,6 +277,7 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
         error = None
         if rank == 0:
             try:
+                refuse_foreign_folder(options.out, options.overwrite)  # before the lock file is made in it
                 lock = FolderLock(options.out)  # held until this run ends: a second run on the folder is refused
                 prepare_folder(options.out, job, options.overwrite)
             except (FolderBusy, JobMismatch, OSError) as refusal:
@@ -438,7 +439,8 @@ def finish(options: JobOptions, parts: list[Part], job: dict, summaries: list[di
     # The rate of this run's images (a resumed run's folder holds more), from each rank's first forward on.
     encoded_now = sum(s["images"] for s in summaries)
     steady = max(s["seconds"] - s["startup_seconds"] for s in summaries)
-    rate = f"{encoded_now / max(steady, 1e-9):.1f} images/s from the first forward on" if encoded_now else "none encoded now"
+    rate = f"{encoded_now / max(steady, 1e-9):.1f} images/s from the first forward on" if encoded_now else \
+        "none encoded now"  # fmt: skip
     print(
         f"Encoded {images} image{'s' * (images != 1)} in {seconds:.2f} s ({rate}"
         f"{f', {world_size} ranks' if world_size > 1 else ''}); skipped {skipped} unreadable file"

@@ -256,13 +256,20 @@ class JobMismatch(ValueError):
     pass
 
 
+def refuse_foreign_folder(folder: Path, overwrite: bool) -> None:
+    """JobMismatch for a folder of other files (no manifest), unless `overwrite`. Our lock file aside: it may be
+    there already."""
+    if overwrite or not folder.is_dir() or read_manifest(folder) is not None:
+        return
+    if any(path.name != LOCK for path in folder.iterdir()):
+        raise JobMismatch(f"{folder} exists, is not empty and is not an encode output folder (no {MANIFEST})")
+
+
 def prepare_folder(folder: Path, job: dict, overwrite: bool) -> None:
     """Rank 0, before any rank writes: a new folder gets a manifest of `job`; an existing one must hold the same
     job (resume), or is emptied of our files with `overwrite`, else JobMismatch."""
+    refuse_foreign_folder(folder, overwrite)
     manifest = read_manifest(folder) if folder.is_dir() else None
-    holds_files = any(path.name != LOCK for path in folder.iterdir()) if folder.is_dir() else False  # the run's lock aside
-    if manifest is None and holds_files and not overwrite:
-        raise JobMismatch(f"{folder} exists, is not empty and is not an encode output folder (no {MANIFEST})")
     if manifest is not None and manifest.get("job") != job:
         if not overwrite:
             differing = sorted(k for k in set(job) | set(manifest.get("job", {}))
