@@ -90,6 +90,13 @@ def test_a_damaged_tar_shard_keeps_every_sample_before_the_damage_and_names_it(s
         last.read_bytes()
 
 
+def test_a_sample_whose_image_member_is_cut_is_named_with_the_damage(tmp_path):
+    whole = tmp_path / "whole.tar"
+    write_tar(whole, {f"k{i}": {"json": b"{}", "jpg": image_bytes(500 + i)} for i in range(3)})  # image second
+    cut = damaged_copy(whole, "cut.tar", lambda data, m: data[:m["k1.jpg"].offset_data + 10])
+    assert samples_of(cut) == [(f"{cut}/k0", None), (f"{cut}/k1", "DamagedTarShard"), (str(cut), "DamagedTarShard")]
+
+
 def test_an_empty_or_non_tar_file_is_one_damaged_sample(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     (tmp_path / "text.tar").write_bytes(b"not a tar at all\n" * 100)
