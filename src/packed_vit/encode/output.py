@@ -257,11 +257,11 @@ class JobMismatch(ValueError):
 
 
 def refuse_foreign_folder(folder: Path, overwrite: bool) -> None:
-    """JobMismatch for a folder of other files (no manifest), unless `overwrite`. Our lock file aside: it may be
-    there already."""
+    """JobMismatch for a folder of other files (no manifest), unless `overwrite`. Our own hidden files aside: the
+    lock, and the first manifest's temporary while a run that has just started writes it."""
     if overwrite or not folder.is_dir() or read_manifest(folder) is not None:
         return
-    if any(path.name != LOCK for path in folder.iterdir()):
+    if any(path.name != LOCK and not path.name.startswith(f".{MANIFEST}.") for path in folder.iterdir()):
         raise JobMismatch(f"{folder} exists, is not empty and is not an encode output folder (no {MANIFEST})")
 
 
