@@ -375,7 +375,7 @@ def start(*arguments: str) -> subprocess.Popen:
     return subprocess.Popen(command(*arguments), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:
+def wait_for(condition, process: subprocess.Popen, seconds: float = 300) -> None:
     deadline = time.time() + seconds
     while not condition() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
