@@ -25,8 +25,10 @@ from reference import siglip2_pair
 
 from packed_vit.cli import main
 from packed_vit.encode import encode_images, load_embeddings, load_model_and_processor, token_budget_batches
+from packed_vit.encode.output import shard_metadata
 
 BUDGET = 600  # patches per forward: a few images each (each image is at most 256 patches)
+SKIPPED = 3  # the exit status of a job that completed with samples skipped
 
 
 def image_bytes(seed: int, fmt: str = "JPEG") -> bytes:
@@ -102,7 +104,7 @@ def test_auto_preprocessing_is_the_cpu_path_off_cuda_and_gpu_is_refused_there(ch
 
 def test_workers_report_unreadable_files_in_order_and_go_on(checkpoint, photos, tmp_path, capsys):
     assert encode(str(photos), "--model", str(checkpoint), "--out", str(tmp_path / "e.safetensors"),
-                  "--workers", "2") == 0  # fmt: skip
+                  "--workers", "2") == SKIPPED  # fmt: skip
     result = load_embeddings(tmp_path / "e.safetensors")
     assert result.names == [str(p) for p in sorted(photos.iterdir()) if "broken" not in p.name]
     assert [name for name, _ in result.skipped] == [str(photos / "05b_broken.jpg")]
@@ -147,7 +149,7 @@ def test_list_files_and_tar_shards_with_brace_ranges(checkpoint, photos, tmp_pat
     listing.write_text(f"# two photos\n{photos / '00.jpg'}\n\n{photos / '01.png'}\nmissing.jpg\n")
     out = tmp_path / "out"
     assert encode(str(shards / "s-{000..001}.tar"), str(listing), "--model", str(checkpoint), "--out", str(out),
-                  "--workers", "2") == 0  # fmt: skip
+                  "--workers", "2") == SKIPPED  # fmt: skip
     result = load_embeddings(out)
     assert result.names == [f"{shards}/s-000.tar/a", f"{shards}/s-000.tar/c", f"{shards}/s-001.tar/d",
                             str(photos / "00.jpg"), str(photos / "01.png")]  # fmt: skip
@@ -170,8 +172,8 @@ def load_embeddings_of(checkpoint, images):
 
 def test_folder_of_shards_equals_the_single_file(checkpoint, photos, tmp_path):
     common = [str(photos), "--model", str(checkpoint), "--workers", "1", "--patch-features"]
-    assert encode(*common, "--out", str(tmp_path / "one.safetensors")) == 0
-    assert encode(*common, "--out", str(tmp_path / "folder"), "--shard-size", "4") == 0
+    assert encode(*common, "--out", str(tmp_path / "one.safetensors")) == SKIPPED
+    assert encode(*common, "--out", str(tmp_path / "folder"), "--shard-size", "4") == SKIPPED
     manifest = json.loads((tmp_path / "folder" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["images"] == 13 and manifest["skipped"] == 1
     assert [len(s["images"]) + len(s["skipped"]) for s in manifest["shards"]] == [4, 4, 4, 2]  # 14 files
@@ -195,6 +197,7 @@ def test_another_job_in_the_folder_is_refused_unless_overwrite(checkpoint, photo
     (tmp_path / "other" / "notes.md").write_text("mine")
     assert encode(str(photos / "00.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "other")) == 2
     assert "is not an encode output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.md"]  # refused before any lock file
 
 
 def command(*arguments: str) -> list[str]:
@@ -236,19 +239,35 @@ def test_resume_after_kill_9_redoes_no_finished_shard_and_equals_an_uninterrupte
 # ---- torchrun --------------------------------------------------------------------------------------------------
 
 
-def test_torchrun_two_gloo_ranks_equal_one_process(checkpoint, photos, tmp_path):
+def test_torchrun_a_failing_rank_ends_the_others_the_rerun_resumes_counts_every_rank_and_equals_one_process(
+        checkpoint, photos, tmp_path):  # fmt: skip
+    """2 gloo ranks. With --strict, rank 0 stops at the broken photo (in its part): rank 1 ends too, cleanly (gloo
+    tells it the peer has gone, or torchrun's SIGTERM), no hang. The same command without --strict resumes; rank 0's
+    bar counts both ranks' samples (the whole job); the merged result equals one process."""
     write_tar(tmp_path / "t-0.tar", {f"k{i}": {"jpg": image_bytes(200 + i)} for i in range(5)})
     write_tar(tmp_path / "t-1.tar", {f"k{i}": {"jpg": image_bytes(300 + i)} for i in range(4)})
     job = [str(tmp_path / "t-{0..1}.tar"), str(photos), "--model", str(checkpoint), "--shard-size", "3",
            "--workers", "1", "--device", "cpu"]  # fmt: skip
+    # parts: the two tars (0, 1), the 14 photos by 3 (2..6); 05b_broken.jpg opens part 4: rank 0's
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "packed_vit"]
-    two = subprocess.run([*torchrun, *command(*job, "--out", str(tmp_path / "two"))[3:]], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
+    stopped = subprocess.run([*torchrun, *command(*job, "--out", str(tmp_path / "two"), "--strict")[3:]],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert stopped.returncode != 0
+    assert f"rank 0: --strict: {photos / '05b_broken.jpg'} could not be encoded" in stopped.stderr
+    assert "rank 1: another rank failed" in stopped.stderr or "rank 1: interrupted by SIGTERM" in stopped.stderr, \
+        stopped.stderr[-3000:]  # fmt: skip
+    kept = sum(len(json.loads(shard_metadata(p)["names"])) + len(json.loads(shard_metadata(p)["skipped"]))
+               for p in (tmp_path / "two").glob("part-*.safetensors"))  # shards finished before the stop
+
+    with_bar = ["encode", *job, "--out", str(tmp_path / "two"), "--max-tokens", str(BUDGET)]
+    two = subprocess.run([*torchrun, *with_bar], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]  # skips end a torchrun job with 0: torchrun fails any other
+    final = [line for line in two.stderr.replace("\r", "\n").splitlines() if line.startswith("2 ranks: 100%")]
+    assert final and final[-1].split("|")[2].split()[0] == f"{23 - kept}/{23 - kept}", two.stderr[-3000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun sets each rank (OMP_NUM_THREADS=1): the CPU kernels then sum alike
     try:
-        assert encode(*job, "--out", str(tmp_path / "one")) == 0
+        assert encode(*job, "--out", str(tmp_path / "one")) == SKIPPED  # the broken photo
     finally:
         torch.set_num_threads(threads)
     one, merged = load_embeddings(tmp_path / "one"), load_embeddings(tmp_path / "two")

@@ -2,13 +2,16 @@
 
     packed-vit encode INPUTS... --model PATH_OR_REPO [--out FILE.safetensors | DIR] [--shard-size N] [--overwrite]
                       [--workers K] [--preprocess auto|cpu|gpu] [--device D] [--dtype T] [--max-tokens N]
-                      [--patch-features] [--revision R] [--attn-implementation A]
+                      [--patch-features] [--revision R] [--attn-implementation A] [--strict]
     torchrun --nproc_per_node N -m packed_vit encode ... --out DIR
     packed-vit check --model PATH_OR_REPO [--revision R] [--images FILES_OR_DIRS...] [--device D] [--dtype T]
                      [--attn-implementation A] [--cuda-graphs] [--max-num-patches N] [--json FILE]
     packed-vit demo
 
-`encode`: see packed_vit.encode; `check`: see packed_vit.check; `demo`: see packed_vit.demo.
+`encode`: see packed_vit.encode and docs/encode-faults.md; `check`: see packed_vit.check; `demo`: see packed_vit.demo.
+`encode` exits with 0 when every sample was encoded, 3 when the job completed with samples skipped (each named with
+its reason), 1 when it stopped (a write fault, a skip under --strict, another rank failed), 2 when it refused to
+start, 128 + N when signal N interrupted it (130 Ctrl-C, 143 SIGTERM; the output folder resumes).
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "encode",
         help="images -> per-image embeddings (safetensors)",
         description="Encodes images with a packed tower: many images per forward, packed by a token budget. "
-        "Unreadable files are reported and skipped.",
+        "Unreadable files and damaged tar shards are reported and skipped, each with its reason.",
+        epilog="exit status: 0 every sample encoded; 3 completed, some samples skipped; 1 stopped (write fault, "
+        "--strict, a rank failed); 2 refused to start; 130 / 143 interrupted by Ctrl-C / SIGTERM (run the same "
+        "command again to resume)",
     )
     encode.add_argument("inputs", nargs="+", metavar="INPUTS",
                         help="image files; folders (searched recursively for image files, sorted); text files "
@@ -80,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also write every patch's features (`patch_features` [N, D]) with `grid_thw`")  # fmt: skip
     encode.add_argument("--attn-implementation", help="attention backend (default: the fastest available)")
     encode.add_argument("--no-progress", action="store_true", help="no progress bar")
+    encode.add_argument("--strict", action="store_true",
+                        help="stop at the first sample that cannot be encoded (exit status 1) instead of skipping "
+                             "it; the shards finished before it are kept")  # fmt: skip
 
     check = commands.add_parser(
         "check",
@@ -122,7 +131,7 @@ def run_encode(args: argparse.Namespace, started: float | None = None) -> int:
         inputs=args.inputs, model=args.model, out=args.out, revision=args.revision, device=args.device,
         dtype=args.dtype, max_tokens=args.max_tokens, patch_features=args.patch_features,
         attn_implementation=args.attn_implementation, workers=args.workers, preprocess=args.preprocess,
-        shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress,
+        shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress, strict=args.strict,
     ), started)  # fmt: skip
 
 

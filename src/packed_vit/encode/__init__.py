@@ -9,6 +9,10 @@ Four stages, one module each:
 - `ranks`: torchrun's processes share the parts, one manifest for all.
 `job` ties them together (`encode_images` in Python, `run_job` for the command).
 
+Messy data and faults (docs/encode-faults.md): damaged inputs are skipped and named with their reason, a damaged tar
+shard keeps its readable samples; writes are atomic, shards are checked on resume, one run holds a folder at a time;
+Ctrl-C / SIGTERM leave a resumable folder; the exit status says whether anything was skipped.
+
 Each image gets one pooled vector: the tower's `pooler_output` when the checkpoint has a head, else the mean of its
 patch features (`last_hidden_state`); optionally the patch features themselves, with their `grid_thw`.
 """

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
-import json
+import collections
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,12 +20,19 @@ import torch
 
 from . import ranks
 from .inputs import Part, find_parts
-from .output import Embeddings, JobMismatch, ShardWriter, prepare_folder, read_embeddings_file, read_manifest, \
-    resume_position, save_embeddings, shard_file, shard_metadata, write_manifest  # fmt: skip
+from .output import Embeddings, FolderBusy, FolderLock, JobMismatch, ShardWriter, WriteFault, finished_shards, \
+    prepare_folder, read_manifest, refuse_foreign_folder, resume_position, save_embeddings, write_manifest  # fmt: skip
 from .pipeline import PairsSource, encoded_results
 
 DEFAULT_MAX_TOKENS = 16384
 DEFAULT_SHARD_SIZE = 10000
+
+# Exit statuses of `packed-vit encode` (docs/encode-faults.md). Interrupted by a signal: 128 + its number (130 for
+# Ctrl-C, 143 for SIGTERM), as shells report a process the signal ended; the output folder then resumes.
+EXIT_DONE = 0  # the job completed, every sample encoded
+EXIT_FAILED = 1  # the job stopped: a write fault, a skip under --strict, another rank failed, nothing readable
+EXIT_REFUSED = 2  # nothing was done: bad arguments or inputs, the model, another job or another run in the folder
+EXIT_SKIPPED = 3  # the job completed, some samples skipped (each named with its reason in `skipped`)
 
 
 def process_start_time() -> float | None:
@@ -42,10 +51,13 @@ def process_start_time() -> float | None:
 
 class Progress:
     """tqdm when it is importable (it comes with huggingface_hub), else a line per update on stderr. Messages go
-    through `write`, so that they do not break the bar."""
+    through `write`, so that they do not break the bar. Under torchrun rank 0's bar also counts the other ranks'
+    samples (`set_others`, from a thread, also while rank 0 waits for them): the whole job's progress and rate."""
 
     def __init__(self, total: int | None, enabled: bool = True, description: str | None = None):
         self.total, self.done, self.enabled = total, 0, enabled
+        self.own, self.own_skipped, self.others, self.others_skipped = 0, 0, 0, 0
+        self.lock = threading.Lock()
         try:
             from tqdm.auto import tqdm
         except ImportError:
@@ -53,29 +65,44 @@ class Progress:
         self.bar = tqdm(total=total, unit="img", file=sys.stderr, desc=description) if tqdm and enabled else None
 
     def update(self, images: int, skipped: int = 0) -> None:
-        self.done += images
+        """`images` more of this process's samples done; `skipped`: this process's skips so far."""
+        with self.lock:
+            self.own, self.own_skipped = self.own + images, skipped
+            self.show()
+
+    def set_others(self, done: int, skipped: int) -> None:
+        """The other ranks' samples done and skipped so far."""
+        with self.lock:
+            if (done, skipped) != (self.others, self.others_skipped):
+                self.others, self.others_skipped = done, skipped
+                self.show()
+
+    def show(self) -> None:
+        done, skipped = self.own + self.others, self.own_skipped + self.others_skipped
         if self.bar is not None:
-            self.bar.update(images)
+            self.bar.update(done - self.done)
             self.bar.set_postfix(skipped=skipped, refresh=False)
         elif self.enabled:
             total = self.total if self.total is not None else "?"
-            print(f"{self.done}/{total} images ({skipped} skipped)", file=sys.stderr)
+            print(f"{done}/{total} images ({skipped} skipped)", file=sys.stderr)
+        self.done = done
 
     def write(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr)
+        with self.lock:
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def report(result, bar: Progress, skipped_so_far: int) -> int:
+def report(result, bar: Progress, skipped_so_far: int, prefix: str = "") -> int:
     """One pipeline result on the bar and its skips on stderr -> the new skip count."""
     for entry in result.skipped:
-        bar.write(f"skipped {entry.name}: {entry.why}")
+        bar.write(f"{prefix}skipped {entry.name}: {entry.why}")
     skipped_so_far += len(result.skipped)
     bar.update(len(result.entries), skipped_so_far)
     return skipped_so_far
@@ -153,13 +180,14 @@ class JobOptions:
     shard_size: int = DEFAULT_SHARD_SIZE
     overwrite: bool = False
     progress: bool = True
+    strict: bool = False
 
     @property
     def to_folder(self) -> bool:
         return self.out.suffix != ".safetensors"
 
 
-def fail(message: str, status: int = 2) -> int:
+def fail(message: str, status: int = EXIT_REFUSED) -> int:
     print(f"packed-vit encode: {message}", file=sys.stderr)
     return status
 
@@ -184,19 +212,47 @@ class PartsSource:
                 index += 1
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt, so that both unwind the job the same way."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StrictStop(Exception):
+    """--strict and a sample that could not be encoded."""
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 def run_job(options: JobOptions, started: float | None = None) -> int:
-    """`started`: when the command started (wall clock) for the start-up time; default: now."""
+    """`started`: when the command started (wall clock) for the start-up time; default: now.
+
+    Ctrl-C and SIGTERM (a scheduler's preemption; torchrun ending the other ranks when one fails) drop the shard in
+    progress and leave the folder as the same command resumes it."""
     started = started or time.time()
     rank, world_size = ranks.start()
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, raise_interrupted) if in_main_thread else None
     try:
         return _run_job(options, rank, world_size, started)
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        kept = (f"the shards finished so far are kept in {options.out}, the one in progress is dropped: run the same "
+                "command again to resume") if options.to_folder else \
+            f"nothing was written ({options.out} is written at the end; --out DIR makes a resumable job)"  # fmt: skip
+        prefix = f"rank {rank}: " if world_size > 1 else ""
+        return fail(f"{prefix}interrupted by {signal.Signals(signum).name}: {kept}", 128 + signum)
     finally:
+        if previous is not None:  # None: not set from Python, or not the main thread
+            signal.signal(signal.SIGTERM, previous)
         ranks.finish()
 
 
 def _run_job(options: JobOptions, rank: int, world_size: int, started: float) -> int:
-    from .pipeline import default_workers
-
     device = ranks.device_of_rank(options.device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = dtypes[options.dtype] if options.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -204,35 +260,54 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
         return fail("--out FILE.safetensors is for one process: give a folder as --out with torchrun")
     try:
         parts = find_parts(options.inputs, options.shard_size)
-    except FileNotFoundError as error:
+    except OSError as error:  # an input that is not there, a list file that cannot be read
         return fail(str(error))
     if not parts:
         return fail(f"no image files in {' '.join(options.inputs)}")
 
-    folder = options.out
-    shard_size = options.shard_size
     # What makes two runs the same job: a resumed run must be it, or the shards would mix two jobs' embeddings.
     job = {
         "model": options.model, "revision": options.revision, "inputs": list(options.inputs),
         "dtype": str(dtype).removeprefix("torch."), "max_tokens": options.max_tokens,
-        "patch_features": options.patch_features, "preprocess": options.preprocess, "shard_size": shard_size,
+        "patch_features": options.patch_features, "preprocess": options.preprocess, "shard_size": options.shard_size,
         "attn_implementation": options.attn_implementation,
     }  # fmt: skip
+    lock = None
     if options.to_folder:
         error = None
         if rank == 0:
             try:
-                prepare_folder(folder, job, options.overwrite)
-            except JobMismatch as mismatch:
-                error = str(mismatch)
+                refuse_foreign_folder(options.out, options.overwrite)  # before the lock file is made in it
+                lock = FolderLock(options.out)  # held until this run ends: a second run on the folder is refused
+                prepare_folder(options.out, job, options.overwrite)
+            except (FolderBusy, JobMismatch, OSError) as refusal:
+                error = str(refusal)
         error = ranks.broadcast_from_rank0(error)  # every rank stops on rank 0's refusal
         if error:
+            if lock is not None:
+                lock.release()
             return fail(error)
+    try:
+        return encode_parts(options, parts, job, rank, world_size, device, dtype, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, world_size: int, device, dtype,
+                 started: float) -> int:  # fmt: skip
+    from .pipeline import default_workers
+
+    folder, shard_size = options.out, options.shard_size
+    prefix = f"rank {rank}: " if world_size > 1 else ""
+
+    def warn(message: str) -> None:
+        print(f"packed-vit encode: {prefix}{message}", file=sys.stderr)
 
     mine = ranks.parts_of_rank(parts, rank, world_size)
     todo = []
     for part in mine:
-        start = resume_position(folder, part, shard_size) if options.to_folder else 0
+        start = resume_position(folder, part, shard_size, warn) if options.to_folder else 0
         if start is not None:
             todo.append((part, start))
     resumed = sum(1 for part, start in todo if start > 0) + (len(mine) - len(todo))
@@ -243,13 +318,25 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
     except (OSError, ValueError, TypeError) as error:  # not a checkpoint, unknown format, unreachable, bad option
         return fail(f"cannot load --model {options.model}: {error}")
     loaded = time.time()
-    preprocess = options.preprocess  # "auto": the GPU path where it applies (pipeline.encoded_results)
     workers = default_workers() if options.workers is None else options.workers
 
     known = [part.known_length for part, _ in todo]
     total = None if None in known else sum(known) - sum(start for _, start in todo)
-    bar = Progress(total, enabled=options.progress and rank == 0,
-                   description=f"rank 0 of {world_size}" if world_size > 1 else None)  # fmt: skip
+    try:
+        totals = ranks.gather(total)  # the whole job's, for rank 0's bar
+    except RuntimeError as error:  # a rank failed before it started (gloo: the peer closed its connection)
+        return other_rank_failed(error, prefix, folder)
+    bar = Progress(None if None in totals else sum(totals), enabled=options.progress and rank == 0,
+                   description=f"{world_size} ranks" if world_size > 1 else None)  # fmt: skip
+    counts = ranks.SharedCounts(folder, rank, world_size) if world_size > 1 else None
+    watcher = ranks.watch_others(counts, bar.set_others) if counts is not None and rank == 0 else None
+
+    def close_bar() -> None:
+        if watcher is not None:
+            watcher()
+        bar.close()
+
+    encoded = False
     writer = ShardWriter(folder, options.model, shard_size) if options.to_folder else None
     embeddings = Embeddings()
     skipped = 0
@@ -257,24 +344,43 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
     group_of = (lambda tag: (tag[0], tag[1] // shard_size)) if options.to_folder else (lambda tag: None)
     try:
         results = encoded_results(model, processor, PartsSource(todo), options.max_tokens, options.patch_features,
-                                  workers, preprocess, group_of)  # fmt: skip
+                                  workers, options.preprocess, group_of)  # fmt: skip
         for result in results:
             first_forward = first_forward or result.launched_at
+            skipped = report(result, bar, skipped, prefix)
+            if options.strict and result.skipped:
+                if writer is not None:
+                    writer.close_before(result.group)  # the shards before this one are finished: kept
+                raise StrictStop(result.skipped[0])
             if writer is not None:
                 writer.add(result)
-            else:
-                embeddings.add(result)
-            skipped = report(result, bar, skipped) if rank == 0 else skipped + len(result.skipped)
-            if writer is not None:
                 embeddings.skipped.extend((e.name, e.why) for e in result.skipped)
                 embeddings.names.extend(e.name for e in result.images)
                 embeddings.model_seconds += result.model_seconds
+            else:
+                embeddings.add(result)
+            if counts is not None:
+                counts.publish(bar.own, skipped)
         if writer is not None:
             writer.close_shard(part_complete=True)
+        encoded = True
+    except StrictStop as stop:
+        entry = stop.args[0]
+        kept = (f"the shards finished before it are kept in {folder}: the same command without --strict resumes and "
+                "skips it") if options.to_folder else "nothing was written"  # fmt: skip
+        return fail(f"{prefix}--strict: {entry.name} could not be encoded ({entry.why}); stopped, {kept}", EXIT_FAILED)
+    except WriteFault as fault:
+        kept = (f"no half-written shard is left, the {writer.written} shards this run finished are kept: once the "
+                "fault is cleared, run the same command again to resume") if options.to_folder else \
+            "nothing was written"  # fmt: skip
+        return fail(f"{prefix}{fault}; {kept}", EXIT_FAILED)
     except ValueError as error:
         return fail(str(error))
     finally:
-        bar.close()
+        if counts is not None:
+            counts.publish(bar.own, skipped, force=True)
+        if not encoded or watcher is None:
+            close_bar()
     finished = time.time()
     summary = {
         "rank": rank, "images": len(embeddings.names), "skipped": len(embeddings.skipped),
@@ -282,55 +388,83 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
         "startup_seconds": (first_forward or finished) - started, "load_seconds": loaded - started,
         "seconds": finished - started, "resumed_parts": resumed,
     }  # fmt: skip
-    summaries = ranks.gather(summary)
+    try:
+        summaries = ranks.gather(summary)  # rank 0's bar still moves with the others' counts meanwhile
+    except RuntimeError as error:  # a rank died before it finished (gloo: the peer closed its connection)
+        return other_rank_failed(error, prefix, folder)
+    finally:
+        close_bar()
     if rank != 0:
-        return 0
+        return EXIT_DONE
+    return finish(options, parts, job, summaries, embeddings, summary, started, finished)
+
+
+def other_rank_failed(error: Exception, prefix: str, folder: Path) -> int:
+    return fail(f"{prefix}another rank failed ({error}); the shards finished are kept in {folder}: run the same "
+                "command again to resume", EXIT_FAILED)  # fmt: skip
+
+
+def finish(options: JobOptions, parts: list[Part], job: dict, summaries: list[dict], embeddings: Embeddings,
+           summary: dict, started: float, finished: float) -> int:  # fmt: skip
+    """Rank 0, every rank done: the manifest or the file, the summary line, the exit status."""
+    folder, world_size = options.out, len(summaries)
     images = sum(s["images"] for s in summaries)
-    skipped = sum(s["skipped"] for s in summaries)
     seconds = max(s["seconds"] for s in summaries)
     if options.to_folder:
-        manifest = finish_manifest(folder, parts, job, summaries)
+        try:
+            manifest = finish_manifest(folder, parts, job, summaries)
+        except WriteFault as fault:
+            return fail(f"{fault}; every shard is written: run the same command again to write the manifest",
+                        EXIT_FAILED)  # fmt: skip
         written = sum(s["shards"] for s in summaries)
         where = f"{len(manifest['shards'])} shards in {folder} ({written} written now)"
-        images, skipped = manifest["images"], manifest["skipped"]
+        images = manifest["images"]
+        reasons = [why for shard in manifest["shards"] for why in shard["skipped_why"]]
     else:
+        reasons = [why for _, why in embeddings.skipped]
         if not embeddings.names:
-            return fail(f"none of the {skipped} files could be read; nothing written", status=1)
+            return fail(f"none of the {len(reasons)} files could be read; nothing written", EXIT_FAILED)
         embeddings.total_seconds = finished - started
         folder.parent.mkdir(parents=True, exist_ok=True)
-        save_embeddings(folder, embeddings, options.model)
+        try:
+            save_embeddings(folder, embeddings, options.model)
+        except WriteFault as fault:
+            return fail(f"{fault}; nothing was written", EXIT_FAILED)
         where = f"{folder} (pooled: {embeddings.pooled_kind})"
+    skipped = len(reasons)
+    # The kind of each skip (the exception's name in its reason): a damaged tar shard, a missing file...
+    kinds = collections.Counter(why.split(":", 1)[0] for why in reasons)
+    by_kind = f" ({', '.join(f'{kind}: {n}' for kind, n in sorted(kinds.items()))})" if kinds else ""
     forwards = len(embeddings.batch_sizes)
-    steady = finished - (summary["startup_seconds"] + started)
+    # The rate of this run's images (a resumed run's folder holds more), from each rank's first forward on.
+    encoded_now = sum(s["images"] for s in summaries)
+    steady = max(s["seconds"] - s["startup_seconds"] for s in summaries)
+    rate = f"{encoded_now / max(steady, 1e-9):.1f} images/s from the first forward on" if encoded_now else \
+        "none encoded now"  # fmt: skip
     print(
-        f"Encoded {images} image{'s' * (images != 1)} in {seconds:.2f} s ({images / max(steady, 1e-9):.1f} images/s "
-        "from the first forward on"
+        f"Encoded {images} image{'s' * (images != 1)} in {seconds:.2f} s ({rate}"
         f"{f', {world_size} ranks' if world_size > 1 else ''}); skipped {skipped} unreadable file"
-        f"{'s' * (skipped != 1)}; wrote {where}. Start-up (process start to first forward) "
+        f"{'s' * (skipped != 1)}{by_kind}; wrote {where}. Start-up (process start to first forward) "
         f"{summary['startup_seconds']:.2f} s, of which model load {summary['load_seconds']:.2f} s"
         + (f"; {forwards} forward{'s' * (forwards != 1)} of at most {options.max_tokens} patches" if forwards else "")
     )
     if options.to_folder and images == 0:
-        return fail("no image could be read", status=1)
-    return 0
+        return fail("no image could be read", EXIT_FAILED)
+    # torchrun takes any non-zero status of a rank for a failure (it reports the job failed and exits 1): a job that
+    # completed with skips ends with 0 there, and the manifest's `skipped` says how many.
+    return EXIT_SKIPPED if skipped and world_size == 1 else EXIT_DONE
 
 
 def finish_manifest(folder: Path, parts: list[Part], job: dict, summaries: list[dict]) -> dict:
-    """Rank 0, once every rank is done: the manifest lists every part's shards and their images, in input order."""
-    shards, images, skipped = [], 0, 0
-    for part in parts:
-        chunk = 0
-        while (folder / shard_file(part.index, chunk)).is_file():
-            meta = shard_metadata(folder / shard_file(part.index, chunk))
-            names, skipped_names = json.loads(meta["names"]), json.loads(meta["skipped"])
-            shards.append({"file": shard_file(part.index, chunk), "part": part.index, "source": part.source,
-                           "images": names, "skipped": skipped_names})  # fmt: skip
-            images, skipped = images + len(names), skipped + len(skipped_names)
-            chunk += 1
+    """Rank 0, once every rank is done: the manifest lists every part's shards (their images, their skips with the
+    reasons, their sizes and checksums), in input order."""
+    shards = [shard for part in parts for shard in finished_shards(folder, part)]
     manifest = {
         "format": read_manifest(folder)["format"], "version": 1, "job": job, "complete": True,
-        "images": images, "skipped": skipped, "parts": len(parts), "shards": shards,
-        "world_size": len(summaries), "total_seconds": max(s["seconds"] for s in summaries),
+        "images": sum(len(s["images"]) for s in shards), "skipped": sum(len(s["skipped"]) for s in shards),
+        "parts": len(parts), "shards": shards, "world_size": len(summaries),
+        "total_seconds": max(s["seconds"] for s in summaries),
     }  # fmt: skip
     write_manifest(folder, manifest)
+    ranks.SharedCounts.remove(folder)
     return manifest

@@ -3,19 +3,29 @@
 The folder (`--out DIR`): `manifest.json` (the job: model, options, inputs; its parts and their shards with their
 images) and shards `part-PPPPPP-CCCCC.safetensors`: chunk C of part P, the samples at positions
 [C * shard_size, (C + 1) * shard_size) of the part, encoded or skipped. A shard is written to a temporary name and
-renamed once complete, so a shard file present is a finished shard: that is what resuming relies on. Each shard's
-metadata says whether it ends its part (a tar shard's length is known only once read).
+renamed once complete (after an fsync, so that a machine crash cannot leave a renamed but empty shard), so a shard
+file present is a finished shard: that is what resuming relies on, after checking it (its size against its header,
+the sha256 of each tensor against its metadata), so that a shard damaged since is encoded again, never trusted. Each
+shard's metadata says whether it ends its part (a tar shard's length is known only once read). Temporary names are
+unique to the writing process, and one run at a time holds the folder (`FolderLock`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .. import __version__
@@ -24,6 +34,7 @@ POOLED_BY_HEAD = "pooler_output of the checkpoint's attention-pooling head"
 POOLED_BY_MEAN = "mean of each image's patch features (last_hidden_state); the checkpoint has no head"
 MANIFEST = "manifest.json"
 FOLDER_FORMAT = "packed-vit embeddings folder"
+LOCK = ".lock"
 
 
 @dataclass
@@ -103,10 +114,51 @@ def save_embeddings(path, embeddings: Embeddings, model_source: str, extra_metad
         "packed_vit_version": __version__,
         **(extra_metadata or {}),
     }
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file({name: t.contiguous() for name, t in embeddings.tensors().items()}, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    tensors = {name: t.contiguous() for name, t in embeddings.tensors().items()}
+    metadata["sha256"] = json.dumps({name: tensor_sha256(t) for name, t in tensors.items()})
+    write_atomically(Path(path), lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """Of the tensor's bytes as safetensors stores them (contiguous, little-endian on the machines torch runs on)."""
+    return hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+class WriteFault(OSError):
+    """Writing an output file failed (a full disk, a lost mount...): the file is absent, its temporary removed."""
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary)`, then the temporary file, flushed to disk, renamed to `path`: `path` is complete or absent.
+
+    The temporary name is unique to this process (host, pid and a random part), so that two writers never rename
+    each other's files. A fault while writing removes the temporary and raises WriteFault naming `path`."""
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+        fsync_folder(path.parent)
+    except BaseException as error:  # a fault, or an interrupt: no temporary left behind
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, (OSError, SafetensorError)):
+            raise WriteFault(f"cannot write {path}: {error}") from error
+        raise
+
+
+def fsync_folder(folder: Path) -> None:
+    """The rename itself on disk (POSIX: a folder's entries are flushed by an fsync of the folder)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows); the rename is still atomic
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def read_embeddings_file(path) -> tuple[Embeddings, dict]:
@@ -161,9 +213,8 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    temporary = folder / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(temporary, folder / MANIFEST)
+    text = json.dumps(manifest, indent=1) + "\n"
+    write_atomically(folder / MANIFEST, lambda temporary: temporary.write_text(text))
 
 
 def shard_file(part: int, chunk: int) -> str:
@@ -175,16 +226,50 @@ def shard_metadata(path: Path) -> dict:
         return f.metadata()
 
 
+def shard_damage(path: Path, part: int, chunk: int) -> str | None:
+    """What is wrong with a shard file, None when it is whole: its size is what its header says, it is the shard of
+    (part, chunk), and each tensor's sha256 is the one its metadata recorded when it was written."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_bytes <= size - 8:
+                return f"{size} bytes, its header would need {header_bytes + 8}"
+            header = json.loads(f.read(header_bytes))
+        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if size != 8 + header_bytes + data_end:
+            return f"{size} bytes, its header says {8 + header_bytes + data_end}"
+        meta = header.get("__metadata__", {})
+        if (meta.get("part"), meta.get("chunk")) != (str(part), str(chunk)):
+            return f"its metadata names part {meta.get('part')} chunk {meta.get('chunk')}"
+        expected = json.loads(meta.get("sha256", "{}"))  # shards of earlier versions have none: size checked only
+        with safe_open(str(path), "pt") as f:
+            for name, digest in expected.items():
+                if tensor_sha256(f.get_tensor(name)) != digest:
+                    return f"the sha256 of its {name} differs from the one written"
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        return f"unreadable: {type(error).__name__}: {error}"
+    return None
+
+
 class JobMismatch(ValueError):
     pass
+
+
+def refuse_foreign_folder(folder: Path, overwrite: bool) -> None:
+    """JobMismatch for a folder of other files (no manifest), unless `overwrite`. Our own hidden files aside: the
+    lock, and the first manifest's temporary while a run that has just started writes it."""
+    if overwrite or not folder.is_dir() or read_manifest(folder) is not None:
+        return
+    if any(path.name != LOCK and not path.name.startswith(f".{MANIFEST}.") for path in folder.iterdir()):
+        raise JobMismatch(f"{folder} exists, is not empty and is not an encode output folder (no {MANIFEST})")
 
 
 def prepare_folder(folder: Path, job: dict, overwrite: bool) -> None:
     """Rank 0, before any rank writes: a new folder gets a manifest of `job`; an existing one must hold the same
     job (resume), or is emptied of our files with `overwrite`, else JobMismatch."""
+    refuse_foreign_folder(folder, overwrite)
     manifest = read_manifest(folder) if folder.is_dir() else None
-    if manifest is None and folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise JobMismatch(f"{folder} exists, is not empty and is not an encode output folder (no {MANIFEST})")
     if manifest is not None and manifest.get("job") != job:
         if not overwrite:
             differing = sorted(k for k in set(job) | set(manifest.get("job", {}))
@@ -194,23 +279,87 @@ def prepare_folder(folder: Path, job: dict, overwrite: bool) -> None:
                 "it, or choose another --out"
             )
         manifest = None
+    folder.mkdir(parents=True, exist_ok=True)
+    # Temporary files of runs that died (the lock says none is running): never a finished shard, never needed.
+    for stale in [*folder.glob(".part-*.tmp"), *folder.glob(f".{MANIFEST}.*tmp"), *folder.glob(".progress-*")]:
+        stale.unlink()
     if manifest is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*folder.glob("part-*.safetensors"), *folder.glob(".part-*.tmp")]:
+        for stale in folder.glob("part-*.safetensors"):
             stale.unlink()
         write_manifest(folder, {"format": FOLDER_FORMAT, "version": 1, "job": job, "complete": False})
 
 
-def resume_position(folder: Path, part, shard_size: int) -> int | None:
-    """Where `part` resumes: the first position of its first missing shard; None when the part is done."""
+def resume_position(folder: Path, part, shard_size: int, warn: Callable[[str], None] = print) -> int | None:
+    """Where `part` resumes: the first position of its first missing or damaged shard (named through `warn`); None
+    when the part is done."""
     chunk = 0
-    while (folder / shard_file(part.index, chunk)).is_file():
+    while (path := folder / shard_file(part.index, chunk)).is_file():
+        damage = shard_damage(path, part.index, chunk)
+        if damage is not None:
+            warn(f"shard {path} is damaged ({damage}): encoding it again")
+            break
+        if json.loads(shard_metadata(path).get("part_complete", "false")):
+            return None
         chunk += 1
-    if chunk == 0:
-        return 0
-    if json.loads(shard_metadata(folder / shard_file(part.index, chunk - 1)).get("part_complete", "false")):
-        return None
     return chunk * shard_size
+
+
+def finished_shards(folder: Path, part) -> list[dict]:
+    """The manifest's entries of a finished part's shards, in order: the shard files up to the one that ends it."""
+    shards = []
+    chunk = 0
+    while (path := folder / shard_file(part.index, chunk)).is_file():  # none: a part without samples
+        meta = shard_metadata(path)
+        names, skipped = json.loads(meta["names"]), json.loads(meta["skipped"])
+        shards.append({
+            "file": path.name, "part": part.index, "source": part.source, "images": names, "skipped": skipped,
+            "skipped_why": json.loads(meta.get("skipped_why", "[]")), "bytes": path.stat().st_size,
+            "sha256": json.loads(meta.get("sha256", "{}")),
+        })  # fmt: skip
+        if json.loads(meta.get("part_complete", "false")):
+            break
+        chunk += 1
+    return shards
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run at a time
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FolderBusy(RuntimeError):
+    pass
+
+
+class FolderLock:
+    """Holds an output folder for one run: an fcntl lock on `<folder>/.lock`, released when the run ends or its
+    process dies (the kernel drops it; no stale lock to clean). The file says who holds it, for the refusal.
+
+    POSIX record locks (`lockf`), not `flock`: DataLoader workers forked by the run do not inherit them, so a run
+    killed with -9 leaves no lock behind in workers still exiting; they also hold across machines on NFS."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / LOCK, "a+")
+        try:
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "a process that has not written its name yet"
+            self.file.close()
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                raise FolderBusy(f"{folder} is in use by another encode run ({holder}): wait for it to end, or "
+                                 "stop it first (the same command then resumes its work)") from None  # fmt: skip
+            raise
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")  # fmt: skip
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.file.close()  # closing drops the lock
 
 
 class ShardWriter:
@@ -223,12 +372,17 @@ class ShardWriter:
         self.written = 0
 
     def add(self, result) -> None:
-        if result.group != self.group:
-            self.close_shard(part_complete=self.group is not None and result.group[0] != self.group[0])
-            self.group = result.group
+        self.close_before(result.group)
+        self.group = result.group
         self.embeddings.add(result)
 
+    def close_before(self, group) -> None:
+        """Writes the shard in progress if `group` is another one: its results are all in."""
+        if group != self.group:
+            self.close_shard(part_complete=self.group is not None and group[0] != self.group[0])
+
     def close_shard(self, part_complete: bool) -> None:
+        """Writes the shard in progress (a fault: WriteFault, no file)."""
         if self.group is None:
             return
         part, chunk = self.group
