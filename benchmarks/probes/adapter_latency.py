@@ -11,11 +11,12 @@ import copy
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench.py
 import bench  # noqa: E402
 
 from packed_vit.modeling import cuda_graphs  # noqa: E402
