@@ -102,4 +102,6 @@ def test_lora_inference_eager_and_replayed_meets_the_bf16_contract(tower):
         model.disable_cuda_graphs()
         merged_eager = ours(hidden_states.bfloat16(), grid_thw)
         assert norm_err([merged.pooler_output.float()], [merged_eager.pooler_output.float()]) < 2e-2
-        assert norm_err([merged.pooler_output.float()], [replayed.pooler_output.float()]) < 0.1  # not applied twice
+        # not applied twice. last_hidden_state: merging also puts Siglip2's head.attention.out_proj adapter into the
+        # weight nn.MultiheadAttention reads, which changes pooler_output, in transformers too (docs/adapters.md)
+        assert norm_err([merged.last_hidden_state.float()], [replayed.last_hidden_state.float()]) < 0.1
