@@ -331,9 +331,9 @@ def print_what_the_timings_mean() -> None:
         f"{SIGLIP2['num_hidden_layers']} layers) on {torch.get_num_threads()} CPU threads, six photos. They show "
         "that both sides ran and how the demo's forwards compare on this machine; they say little about real "
         "models, where packing pays by not computing padding (Siglip2's padded batches) and by one forward instead "
-        "of one per image (AIMv2 native), mostly on a GPU. Here a tiny model's forward costs mostly per-op overhead "
-        "and one photo at a time leaves transformers little padding to compute, so ratios near 1x are expected, and "
-        "a busy machine moves them.\n"
+        "of one per image (AIMv2 native), mostly on a GPU. Here both sides do nearly the same arithmetic: one photo at "
+        "a time leaves transformers little padding to compute (counted above), and a CPU gains little from one "
+        "large forward over several small ones, so ratios near 1x are expected, and a busy machine moves them.\n"
         f"Real towers (so400m, AIMv2-L) on an H200, with their commands: {GPU_RESULTS} in the repository "
         "(2.0x to 8.3x faster than transformers' towers there)."
     )
