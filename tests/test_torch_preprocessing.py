@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from packed_vit.encode.gpu_preprocessing import TorchPreprocessing, center_crop
+from packed_vit.encode.gpu_preprocessing import (
+    EXIF_ORIENTATION,
+    TorchPreprocessing,
+    center_crop,
+    read_for_gpu,
+)
+from packed_vit.encode.inputs import read_image
 from packed_vit.processing import Aimv2PackingImageProcessor, Siglip2PackingImageProcessor
 
 NORMALIZE_TOLERANCE = 1e-5  # float32: fused (x - mean/f) / (std/f) vs (x*f - mean) / std
@@ -107,3 +113,24 @@ def test_not_one_of_our_processors_is_a_clear_error():
 
     with pytest.raises(ValueError, match="packed Siglip2 and AIMv2 processors"):
         tower_of_processor(object())
+
+
+def test_a_jpeg_with_an_exif_rotation_is_read_upright_for_the_gpu_path():
+    """nvJPEG decodes the stored pixels and ignores the EXIF orientation: such a JPEG goes by PIL, upright, as the
+    CPU path and transformers' load_image read it; an upright one goes to nvJPEG as its bytes."""
+    import io
+
+    import PIL.Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    upright, rotated = io.BytesIO(), io.BytesIO()
+    PIL.Image.fromarray(pixels).save(upright, format="JPEG")
+    exif = PIL.Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # rotate 90 degrees clockwise to display
+    PIL.Image.fromarray(pixels).save(rotated, format="JPEG", exif=exif.tobytes())
+    kind, size, _ = read_for_gpu(upright.getvalue())
+    assert (kind, size) == ("jpeg", (24, 40))
+    kind, size, rgb = read_for_gpu(rotated.getvalue())
+    assert (kind, size) == ("decoded", (40, 24))
+    expected = np.asarray(read_image(rotated.getvalue()).convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(rgb, expected)

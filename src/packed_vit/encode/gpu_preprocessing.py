@@ -25,13 +25,14 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .inputs import Sample
+from .inputs import Sample, read_image
 from .pipeline import StageClock
 
 GPU_DECODED_FORMATS = ("JPEG",)
 GPU_DECODED_MODES = ("RGB", "L")  # nvJPEG's RGB output equals PIL's convert("RGB") for these; CMYK etc. go by PIL
 # transformers' pil_torch_interpolation_mapping, as F.interpolate modes (torchvision's own resize for the rest)
 INTERPOLATE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how the stored pixels are to be rotated / mirrored
 
 
 def read_for_gpu(source) -> tuple[str, tuple[int, int], np.ndarray]:
@@ -47,10 +48,10 @@ def read_for_gpu(source) -> tuple[str, tuple[int, int], np.ndarray]:
         rgb = _pil_to_rgb(source)
         return "decoded", rgb.shape[:2], np.ascontiguousarray(rgb.transpose(2, 0, 1))
     with PIL.Image.open(io.BytesIO(data)) as image:
-        if image.format in GPU_DECODED_FORMATS and image.mode in GPU_DECODED_MODES:
+        upright = image.getexif().get(EXIF_ORIENTATION, 1) == 1  # nvJPEG decodes as stored, ignoring the EXIF
+        if upright and image.format in GPU_DECODED_FORMATS and image.mode in GPU_DECODED_MODES:
             return "jpeg", (image.height, image.width), np.frombuffer(data, dtype=np.uint8)
-        image.load()
-        rgb = _pil_to_rgb(image)
+    rgb = _pil_to_rgb(read_image(data))  # upright, as the CPU path and transformers' load_image read it
     return "decoded", rgb.shape[:2], np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
