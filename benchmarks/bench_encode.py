@@ -170,9 +170,14 @@ def transformers_user(paths, checkpoint: Path, config_name: str) -> dict:
             "images": sum(len(o) for o in outputs), "seconds": seconds, "images_per_s": len(paths) / seconds}
 
 
-def run_cli(corpus: Path, checkpoint: Path, out: Path, preprocess: str) -> dict:
+# A mode of the CLI run: "cpu" | "gpu", then options: "-eager" (--no-cuda-graphs), "-hw" (--jpeg-decoder nvimgcodec)
+MODE_OPTIONS = {"eager": ["--no-cuda-graphs"], "hw": ["--jpeg-decoder", "nvimgcodec"]}
+
+
+def run_cli(corpus: Path, checkpoint: Path, out: Path, mode: str) -> dict:
+    preprocess, *options = mode.split("-")
     arguments = ["encode", str(corpus), "--model", str(checkpoint), "--out", str(out), "--no-progress",
-                 "--preprocess", preprocess]  # fmt: skip
+                 "--preprocess", preprocess, "--profile", *(a for o in options for a in MODE_OPTIONS[o])]  # fmt: skip
     command = [sys.executable, "-c", RUN_AND_REPORT_RSS, *arguments]
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
@@ -187,7 +192,7 @@ def run_cli(corpus: Path, checkpoint: Path, out: Path, preprocess: str) -> dict:
     return {"command": "python -m packed_vit " + " ".join(arguments), "wall_seconds": wall, "images": images, "images_per_s": images / wall,
             "images_per_s_after_startup": steady, "startup_seconds": startup,
             "peak_rss_gib_main_process": main_kib / 2**20, "peak_rss_gib_largest_worker": worker_kib / 2**20,
-            "printed": line}  # fmt: skip
+            "printed": line, "profile": run.stderr[run.stderr.find("start-up and run"):].splitlines()[:40]}  # fmt: skip
 
 
 def packed_batches(paths, processor):
@@ -208,10 +213,11 @@ def _process(job):
 
 
 def forwards_alone(model, batches) -> dict:
+    """The packed forwards alone, CUDA events; with CUDA graphs enabled, after a first pass that captures them."""
     device_batches = [(torch.cat([b[0] for b in batch]).cuda(), torch.cat([b[1] for b in batch])) for batch in batches]
     images = sum(len(batch) for batch in batches)
     with torch.no_grad():
-        for pixels, grid in device_batches[:3]:
+        for pixels, grid in device_batches if model.cuda_graphs is not None else device_batches[:3]:
             model(pixels, grid)
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -235,7 +241,7 @@ def profile_pipeline(model, processor, paths, chunk: int) -> dict:
     try:
         source = pipeline.PairsSource([(str(p), str(p)) for p in paths])
         for result in pipeline.encoded_results(model, processor, source, DEFAULT_MAX_TOKENS, workers=USER_WORKERS,
-                                               preprocess="gpu", clock=clock):  # fmt: skip
+                                               preprocess="gpu", clock=clock, cuda_graphs=True):  # fmt: skip
             first = first or result.launched_at
             images += len(result.images)
             gpu_seconds += result.model_seconds
@@ -393,8 +399,11 @@ def main() -> None:
             embeddings[mode] = (loaded.names, loaded.tensors()["pooled"])
             print(f"[{name}] cli {mode}: {row['cli'][mode]['printed']}", flush=True)
         model, processor = load_model_and_processor(str(checkpoint), device="cuda", dtype=torch.bfloat16)
-        row["forwards_alone"] = forwards_alone(model, packed_batches(paths, processor))
+        batches = packed_batches(paths, processor)
+        row["forwards_alone"] = forwards_alone(model, batches)
         print(f"[{name}] forwards alone: {row['forwards_alone']}", flush=True)
+        row["forwards_alone_cuda_graphs"] = forwards_alone(model.enable_cuda_graphs(), batches)
+        print(f"[{name}] forwards alone, CUDA graphs: {row['forwards_alone_cuda_graphs']}", flush=True)
         if args.profile:
             chunks = map(int, args.profile_chunks.split(","))
             row["profile"] = [profile_pipeline(model, processor, paths, chunk) for chunk in chunks]
@@ -411,22 +420,23 @@ def main() -> None:
                                                              embeddings, processor)  # fmt: skip
         print(f"[{name}] checks: {row.get('transformers_startup')} {row.get('preprocessing_check')} "
               f"{row.get('parity_bf16_vs_transformers_fp32')}", flush=True)  # fmt: skip
-        alone = row["forwards_alone"]["images_per_s"]
+        alone = max(row["forwards_alone"]["images_per_s"], row["forwards_alone_cuda_graphs"]["images_per_s"])
         user = row.get("transformers_user", {}).get("images_per_s")
         for cli in row["cli"].values():
             cli["after_startup_over_forwards_alone"] = cli["images_per_s_after_startup"] / alone
             cli["after_startup_over_transformers_user"] = cli["images_per_s_after_startup"] / user if user else None
-        row["forwards_alone_over_transformers_user"] = alone / user if user else None
+        row["forwards_alone_over_transformers_user"] = alone / user if user else None  # the faster of the two alone
         results["configs"][name] = row
         args.out.write_text(json.dumps(results, indent=1))
     print(f"\n{'config':>12} {'mode':>4} {'img/s':>7} {'alone':>6} {'/alone':>6} {'user':>5} {'/user':>5} "
           f"{'alone/user':>10} {'start s':>7} {'tf load s':>9}")  # fmt: skip
     for name, row in results["configs"].items():
         user = row.get("transformers_user", {}).get("images_per_s")
+        alone = max(row["forwards_alone"]["images_per_s"], row["forwards_alone_cuda_graphs"]["images_per_s"])
         for mode, cli in row["cli"].items():
             ratio = cli["after_startup_over_transformers_user"]
             print(f"{name:>12} {mode:>4} {cli['images_per_s_after_startup']:>7.0f} "
-                  f"{row['forwards_alone']['images_per_s']:>6.0f} {cli['after_startup_over_forwards_alone']:>6.2f} "
+                  f"{alone:>6.0f} {cli['after_startup_over_forwards_alone']:>6.2f} "
                   f"{user or 0:>5.0f} {ratio or 0:>5.2f} {row['forwards_alone_over_transformers_user'] or 0:>10.2f} "
                   f"{cli['startup_seconds']:>7.2f} {row.get('transformers_startup', {}).get('seconds_to_model_on_gpu', 0):>9.2f}")  # fmt: skip
 

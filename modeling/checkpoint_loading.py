@@ -24,6 +24,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
 from transformers import PretrainedConfig
 
@@ -176,6 +177,20 @@ class CheckpointSource:
             return read_weights_file(path, device)
         raise self.not_found(f"weights ({' / '.join(names)})")
 
+    def read_tensor_names(self) -> list[str] | None:
+        """The checkpoint's tensor names without its weights (safetensors headers, a shard index); None for a
+        pickle, whose names come only with its tensors."""
+        for name in SAFETENSORS_WEIGHTS:
+            path = self.fetch(name)
+            if path is None:
+                continue
+            if name.endswith(".index.json"):
+                with open(path, encoding="utf-8") as file:
+                    return list(json.load(file)["weight_map"])
+            with safe_open(path, framework="pt") as weights:
+                return list(weights.keys())
+        return None
+
     def read_shards(self, index_path: str, device: torch.device) -> dict[str, torch.Tensor]:
         with open(index_path, encoding="utf-8") as file:
             weight_map = json.load(file)["weight_map"]
@@ -306,6 +321,16 @@ def build_config(cls, config, source: CheckpointSource, checkpoint_keys: list[st
     # separate copy of the remote code on transformers 5 (another class object).
     converted._attn_implementation = getattr(config, "_attn_implementation", None)
     return converted
+
+
+def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, revision: str | None = None, **hub_kwargs):
+    """`cls`'s config for a checkpoint, as `from_pretrained` builds it, without reading the weights: what the
+    encode job's preprocessing needs while the weights load. None when the checkpoint is a pickle (its tensor
+    names, which the conversion reads, come only with the weights)."""
+    hub_kwargs = {"revision": revision, "local_files_only": hub_offline(), **hub_kwargs}
+    source = CheckpointSource(os.fspath(pretrained_model_name_or_path), hub_kwargs=hub_kwargs)
+    names = source.read_tensor_names()
+    return None if names is None else build_config(cls, None, source, names, hub_kwargs)
 
 
 def load_pretrained(

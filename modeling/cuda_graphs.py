@@ -416,7 +416,11 @@ class CudaGraphRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, pool=self.pool):
+        # "thread_local": this thread's capture must not be broken by another thread's CUDA calls meanwhile (the
+        # encode job's preprocessing thread decodes and allocates while a forward of a new bucket is captured); this
+        # thread's own unsafe calls still fail the capture, as in the default "global" mode.
+        capture = torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local")
+        with torch.cuda.device(device), capture:
             pooler_output = self._padded_forward(model, bucket, backend, buffers, packed)
         graph.replay()  # capture records without running: this batch's outputs come from the first replay
         return CapturedForward(graph, packed, pooler_output)

@@ -114,6 +114,31 @@ def test_every_worker_count_gives_the_same_gpu_path_embeddings_to_the_bit(tmp_pa
         assert torch.equal(run.tensors()["pooled"], runs[0].tensors()["pooled"])
 
 
+@pytest.mark.parametrize("preprocess", ["gpu", "cpu"])
+def test_cuda_graph_forwards_give_the_eager_embeddings_and_the_same_bits_for_every_worker_count(tmp_path, preprocess):
+    """The job's forwards replayed from CUDA graphs (bf16: graphs apply to the varlen_attn backend): per image what
+    the eager forwards give, within bf16 rounding; new buckets captured mid-run, while the preprocessing runs."""
+    folder = tmp_path / "ckpt"
+    formats.siglip2_full_model(*siglip2_pair(), folder)
+    eager, processor = load_model_and_processor(str(folder), device="cuda", dtype=torch.bfloat16)
+    graphed, _ = load_model_and_processor(str(folder), device="cuda", dtype=torch.bfloat16)
+    paths = jpegs(tmp_path, 40)
+    images = [(str(p), p) for p in paths]
+    reference = encode_images(eager, processor, images, max_tokens=300, progress=False, workers=2,
+                              preprocess=preprocess)  # fmt: skip
+    assert eager.cuda_graphs is None
+    runs = [encode_images(graphed, processor, images, max_tokens=300, progress=False, workers=workers,
+                          preprocess=preprocess, cuda_graphs=True) for workers in (0, 2, 3)]  # fmt: skip
+    assert graphed.cuda_graphs.replays > len(reference.batch_sizes)  # every forward of the three runs, + warm-ups
+    assert len(graphed.cuda_graphs.graphs) > 1  # the warm-up's bucket and others, captured during the runs
+    for run in runs:
+        assert run.names == reference.names == [str(p) for p in paths]
+        assert torch.equal(run.tensors()["pooled"], runs[0].tensors()["pooled"])
+    cosine = torch.nn.functional.cosine_similarity(runs[0].tensors()["pooled"].double(),
+                                                   reference.tensors()["pooled"].double(), dim=1)  # fmt: skip
+    assert cosine.min() >= 0.999, cosine  # bf16: the graphs pad each forward to its bucket (other matmul shapes)
+
+
 def test_a_chunk_is_normalized_at_once_to_the_same_bits_as_each_image(tmp_path):
     from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource
 

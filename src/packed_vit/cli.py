@@ -2,7 +2,8 @@
 
     packed-vit encode INPUTS... --model PATH_OR_REPO [--out FILE.safetensors | DIR] [--shard-size N] [--overwrite]
                       [--workers K] [--preprocess auto|cpu|gpu] [--device D] [--dtype T] [--max-tokens N]
-                      [--patch-features] [--revision R] [--attn-implementation A] [--strict]
+                      [--patch-features] [--revision R] [--attn-implementation A] [--strict] [--no-cuda-graphs]
+                      [--profile]
     torchrun --nproc_per_node N -m packed_vit encode ... --out DIR
     packed-vit check --model PATH_OR_REPO [--revision R] [--images FILES_OR_DIRS...] [--device D] [--dtype T]
                      [--attn-implementation A] [--cuda-graphs] [--max-num-patches N] [--json FILE]
@@ -86,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also write every patch's features (`patch_features` [N, D]) with `grid_thw`")  # fmt: skip
     encode.add_argument("--attn-implementation", help="attention backend (default: the fastest available)")
     encode.add_argument("--no-progress", action="store_true", help="no progress bar")
+    encode.add_argument("--no-cuda-graphs", action="store_true",
+                        help="run the forwards eagerly; by default on CUDA they replay CUDA graphs (one per size "
+                             "bucket, captured at the start), which spares the host ~30 ms of kernel launches per "
+                             "forward: docs/encode-performance.md")  # fmt: skip
+    encode.add_argument("--profile", action="store_true",
+                        help="print the start-up steps and each pipeline stage's host seconds at the end")
     encode.add_argument("--strict", action="store_true",
                         help="stop at the first sample that cannot be encoded (exit status 1) instead of skipping "
                              "it; the shards finished before it are kept")  # fmt: skip
@@ -132,6 +139,7 @@ def run_encode(args: argparse.Namespace, started: float | None = None) -> int:
         dtype=args.dtype, max_tokens=args.max_tokens, patch_features=args.patch_features,
         attn_implementation=args.attn_implementation, workers=args.workers, preprocess=args.preprocess,
         shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress, strict=args.strict,
+        cuda_graphs=not args.no_cuda_graphs, profile=args.profile,
     ), started)  # fmt: skip
 
 

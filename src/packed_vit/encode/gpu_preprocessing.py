@@ -122,8 +122,10 @@ class TorchPreprocessing:
             return Aimv2PackingImageProcessor.fixed_size(height, width, options["size"])
         return rows * patch_size, cols * patch_size
 
-    def resize(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def resize(self, image: torch.Tensor, height: int, width: int, rounded_float: bool = False) -> torch.Tensor:
         """`tvF.resize(image, [height, width], antialias=True)` of a [3, H, W] uint8 CUDA image, to the bit.
+        `rounded_float`: the same values (rounded, 0..255) left in float32, for `normalized`, which would convert
+        the uint8 back to float32: two kernels fewer per image, the same numbers.
 
         Written out because the torchvision call spends about 0.6 ms of host time per image in its dispatch and
         checks (measured on the H200 machine: RESULTS.md), more than the GPU needs for the image. These are the
@@ -144,25 +146,27 @@ class TorchPreprocessing:
                                                   align_corners=False, antialias=True)[0]  # fmt: skip
         if self.mode == "bicubic":
             resized = resized.clamp_(min=0, max=255)
-        return resized.round_().to(torch.uint8)
+        resized = resized.round_()
+        return resized if rounded_float else resized.to(torch.uint8)
 
-    def model_image(self, image: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def model_image(self, image: torch.Tensor, size: tuple[int, int] | None = None,
+                    rounded_float: bool = False) -> torch.Tensor:  # fmt: skip
         """[3, H, W] uint8 -> the uint8 image the model sees (resized, cropped), sides multiples of the patch.
-        `size`: `target_size` of the image, if already known."""
+        `size`: `target_size` of the image, if already known; `rounded_float`: see `resize`."""
         size = size or self.target_size(image.shape[1], image.shape[2])
         if size is not None:
-            image = self.resize(image, *size)
+            image = self.resize(image, *size, rounded_float=rounded_float)
         options = self.options
         if self.tower == "aimv2" and not options["is_native"] and options["do_center_crop"]:
             image = center_crop(image, options["crop_size"]["height"], options["crop_size"]["width"])
         return image
 
     def resized_patches(
-        self, image: torch.Tensor, size: tuple[int, int] | None = None
+        self, image: torch.Tensor, size: tuple[int, int] | None = None, rounded_float: bool = False
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """[3, H, W] uint8 -> (its model image's patches [h*w, p*p*3] uint8, channel last, (1, h, w)).
-        `size`: `target_size` of the image, if already known."""
-        image, patch_size = self.model_image(image, size), self.patch_size
+        `size`: `target_size` of the image, if already known; `rounded_float`: see `resize`."""
+        image, patch_size = self.model_image(image, size, rounded_float), self.patch_size
         channels, height, width = image.shape
         if height % patch_size or width % patch_size:
             raise ValueError(
@@ -174,8 +178,8 @@ class TorchPreprocessing:
         return patches.reshape(rows * cols, -1), (1, rows, cols)
 
     def normalized(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 patches [n, p*p*3] -> float32, as the backend's fused rescale and normalize (`tvF.normalize`:
-        subtract, then divide, in float32)."""
+        """uint8 patches [n, p*p*3] (or float32 ones of the same values, `rounded_float`: normalized in place) ->
+        float32, as the backend's fused rescale and normalize (`tvF.normalize`: subtract, then divide, in float32)."""
         options = self.options
         if self.mean is not None:
             if self.mean.device != patches.device:
@@ -251,7 +255,7 @@ class GpuPreprocessing(TorchPreprocessing):
                 else:
                     continue
                 known = entry.resize_to if tuple(image.shape[1:]) == tuple(entry.size) else None
-                patches, entry.grid = self.resized_patches(image, known)
+                patches, entry.grid = self.resized_patches(image, known, rounded_float=True)
                 mine.append(entry)
                 pieces.append(patches)
             if not mine:

@@ -22,7 +22,7 @@ from . import ranks
 from .inputs import Part, find_parts
 from .output import Embeddings, FolderBusy, FolderLock, JobMismatch, ShardWriter, WriteFault, finished_shards, \
     prepare_folder, read_manifest, refuse_foreign_folder, resume_position, save_embeddings, write_manifest  # fmt: skip
-from .pipeline import PairsSource, encoded_results
+from .pipeline import PairsSource, StageClock, encoded_results
 
 DEFAULT_MAX_TOKENS = 16384
 DEFAULT_SHARD_SIZE = 10000
@@ -118,11 +118,14 @@ def encode_images(
     progress: bool = True,
     workers: int = 0,
     preprocess: str = "cpu",
+    cuda_graphs: bool = False,
 ) -> Embeddings:
     """(name, image) pairs -> `Embeddings`, the images in the order given, less the skipped ones.
 
     `images`: image paths or images the processor takes. `total`: the number of images, for the progress bar.
-    `workers`: decoding processes (0: this one). `preprocess`: "cpu" (PIL, the processor) or "gpu" (Siglip2 on CUDA).
+    `workers`: decoding processes (0: this one). `preprocess`: "cpu" (PIL, the processor), "gpu" (CUDA) or "auto".
+    `cuda_graphs`: on CUDA, enable the model's CUDA graphs (`model.enable_cuda_graphs`) for the job's forwards, as
+    `packed-vit encode` does by default.
     """
     pairs = list(images)
     result = Embeddings()
@@ -131,7 +134,7 @@ def encode_images(
     start = time.perf_counter()
     try:
         for forward in encoded_results(model, processor, PairsSource(pairs), max_tokens, patch_features, workers,
-                                       preprocess):  # fmt: skip
+                                       preprocess, cuda_graphs=cuda_graphs):  # fmt: skip
             result.add(forward)
             skipped = report(forward, bar, skipped)
     finally:
@@ -149,14 +152,37 @@ def load_model_and_processor(
 ):
     """Any checkpoint the towers load (DESIGN §4: original, transformers, ours, exported; folder or Hub id) -> (tower
     in eval mode on `device` in `dtype`, its packed image processor with the checkpoint's settings)."""
-    from ..hub_export import read_source_config, source_processor, tower_for_model_type
+    from ..hub_export import source_processor
+
+    model = load_model(source, revision, device, dtype, attn_implementation)
+    return model, source_processor(source_tower(source, revision), model.config, source, revision)
+
+
+def source_tower(source: str, revision: str | None = None):
+    from ..hub_export import read_source_config, tower_for_model_type
 
     config, _ = read_source_config(source, revision)
-    tower = tower_for_model_type(config.get("model_type"))
-    model = tower.model_class.from_pretrained(
+    return tower_for_model_type(config.get("model_type"))
+
+
+def load_model(source: str, revision: str | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):  # fmt: skip
+    """The packed tower of any checkpoint the towers load, in eval mode on `device` in `dtype`."""
+    model = source_tower(source, revision).model_class.from_pretrained(
         source, revision=revision, dtype=dtype, device_map=str(device), attn_implementation=attn_implementation
     )
-    return model.eval(), source_processor(tower, model.config, source, revision)
+    return model.eval()
+
+
+def load_processor(source: str, revision: str | None = None):
+    """The packed image processor of a checkpoint from its files, without reading its weights (so the job can start
+    decoding while they load); None for a pickle checkpoint, whose config needs its weights' names."""
+    from ..hub_export import source_processor
+    from ..modeling.checkpoint_loading import load_config
+
+    tower = source_tower(source, revision)
+    config = load_config(tower.model_class, source, revision)
+    return None if config is None else source_processor(tower, config, source, revision)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -181,6 +207,8 @@ class JobOptions:
     overwrite: bool = False
     progress: bool = True
     strict: bool = False
+    cuda_graphs: bool = True  # the forwards replay CUDA graphs where they apply (CUDA, varlen_attn)
+    profile: bool = False  # print the start-up steps and each stage's host seconds
 
     @property
     def to_folder(self) -> bool:
@@ -224,6 +252,10 @@ class StrictStop(Exception):
     """--strict and a sample that could not be encoded."""
 
 
+class ModelNotLoaded(Exception):
+    """The model's weights could not be loaded (raised in the pipeline, which loads them while decoding starts)."""
+
+
 def raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
@@ -234,11 +266,13 @@ def run_job(options: JobOptions, started: float | None = None) -> int:
     Ctrl-C and SIGTERM (a scheduler's preemption; torchrun ending the other ranks when one fails) drop the shard in
     progress and leave the folder as the same command resumes it."""
     started = started or time.time()
+    clock = StageClock()  # --profile's start-up steps and stage seconds
+    clock.mark("imports done")
     rank, world_size = ranks.start()
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
     previous = signal.signal(signal.SIGTERM, raise_interrupted) if in_main_thread else None
     try:
-        return _run_job(options, rank, world_size, started)
+        return _run_job(options, rank, world_size, started, clock)
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, "signum", signal.SIGINT)
         kept = (f"the shards finished so far are kept in {options.out}, the one in progress is dropped: run the same "
@@ -252,7 +286,7 @@ def run_job(options: JobOptions, started: float | None = None) -> int:
         ranks.finish()
 
 
-def _run_job(options: JobOptions, rank: int, world_size: int, started: float) -> int:
+def _run_job(options: JobOptions, rank: int, world_size: int, started: float, clock: StageClock) -> int:
     device = ranks.device_of_rank(options.device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = dtypes[options.dtype] if options.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -270,7 +304,7 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
         "model": options.model, "revision": options.revision, "inputs": list(options.inputs),
         "dtype": str(dtype).removeprefix("torch."), "max_tokens": options.max_tokens,
         "patch_features": options.patch_features, "preprocess": options.preprocess, "shard_size": options.shard_size,
-        "attn_implementation": options.attn_implementation,
+        "attn_implementation": options.attn_implementation, "cuda_graphs": options.cuda_graphs,
     }  # fmt: skip
     lock = None
     if options.to_folder:
@@ -288,14 +322,14 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float) ->
                 lock.release()
             return fail(error)
     try:
-        return encode_parts(options, parts, job, rank, world_size, device, dtype, started)
+        return encode_parts(options, parts, job, rank, world_size, device, dtype, started, clock)
     finally:
         if lock is not None:
             lock.release()
 
 
 def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, world_size: int, device, dtype,
-                 started: float) -> int:  # fmt: skip
+                 started: float, clock: StageClock) -> int:  # fmt: skip
     from .pipeline import default_workers
 
     folder, shard_size = options.out, options.shard_size
@@ -311,13 +345,23 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
         if start is not None:
             todo.append((part, start))
     resumed = sum(1 for part, start in todo if start > 0) + (len(mine) - len(todo))
+    clock.mark("inputs listed")
 
-    try:
-        model, processor = load_model_and_processor(options.model, options.revision, device, dtype,
-                                                     options.attn_implementation)  # fmt: skip
+    def load():  # called by the pipeline once its workers and preprocessing run: the load overlaps them
+        try:
+            return load_model(options.model, options.revision, device, dtype, options.attn_implementation)
+        except (OSError, ValueError, TypeError) as error:  # weights missing or not matching the config
+            raise ModelNotLoaded(error) from error
+
+    try:  # the checkpoint's config and processor first: a wrong --model is refused before anything starts
+        processor = load_processor(options.model, options.revision)
+        model = load
+        if processor is None:  # a pickle checkpoint: its config comes with its weights
+            model, processor = load_model_and_processor(options.model, options.revision, device, dtype,
+                                                        options.attn_implementation)  # fmt: skip
     except (OSError, ValueError, TypeError) as error:  # not a checkpoint, unknown format, unreachable, bad option
         return fail(f"cannot load --model {options.model}: {error}")
-    loaded = time.time()
+    clock.mark("processor ready")
     workers = default_workers() if options.workers is None else options.workers
 
     known = [part.known_length for part, _ in todo]
@@ -344,7 +388,8 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
     group_of = (lambda tag: (tag[0], tag[1] // shard_size)) if options.to_folder else (lambda tag: None)
     try:
         results = encoded_results(model, processor, PartsSource(todo), options.max_tokens, options.patch_features,
-                                  workers, options.preprocess, group_of)  # fmt: skip
+                                  workers, options.preprocess, group_of, clock, device,
+                                  cuda_graphs=options.cuda_graphs)  # fmt: skip
         for result in results:
             first_forward = first_forward or result.launched_at
             skipped = report(result, bar, skipped, prefix)
@@ -374,6 +419,8 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
                 "fault is cleared, run the same command again to resume") if options.to_folder else \
             "nothing was written"  # fmt: skip
         return fail(f"{prefix}{fault}; {kept}", EXIT_FAILED)
+    except ModelNotLoaded as error:
+        return fail(f"cannot load --model {options.model}: {error.__cause__}")
     except ValueError as error:
         return fail(str(error))
     finally:
@@ -385,9 +432,12 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
     summary = {
         "rank": rank, "images": len(embeddings.names), "skipped": len(embeddings.skipped),
         "shards": writer.written if writer else 1, "model_seconds": embeddings.model_seconds,
-        "startup_seconds": (first_forward or finished) - started, "load_seconds": loaded - started,
-        "seconds": finished - started, "resumed_parts": resumed,
+        "startup_seconds": (first_forward or finished) - started,
+        "load_seconds": clock.marks.get("model loaded", finished) - started, "seconds": finished - started,
+        "resumed_parts": resumed,
     }  # fmt: skip
+    if options.profile:
+        print_profile(clock, started, first_forward, finished, prefix)
     try:
         summaries = ranks.gather(summary)  # rank 0's bar still moves with the others' counts meanwhile
     except RuntimeError as error:  # a rank died before it finished (gloo: the peer closed its connection)
@@ -397,6 +447,17 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
     if rank != 0:
         return EXIT_DONE
     return finish(options, parts, job, summaries, embeddings, summary, started, finished)
+
+
+def print_profile(clock: StageClock, started: float, first_forward: float | None, finished: float,
+                  prefix: str) -> None:  # fmt: skip
+    """--profile: the start-up steps (seconds from the process start) and each stage's host seconds, on stderr."""
+    steps = {"process start": started, **clock.marks, "first forward": first_forward or finished, "end": finished}
+    lines = [f"{prefix}start-up and run (s from the process start):"]
+    lines += [f"  {started_at - started:7.2f}  {step}" for step, started_at in sorted(steps.items(), key=lambda i: i[1])]
+    lines.append(f"{prefix}host seconds per stage (summed per thread):")
+    lines += [f"  {seconds:7.2f}  {stage}" for stage, seconds in sorted(clock.seconds.items(), key=lambda i: -i[1])]
+    print("\n".join(lines), file=sys.stderr)
 
 
 def other_rank_failed(error: Exception, prefix: str, folder: Path) -> int:

@@ -58,14 +58,22 @@ CHUNK = 16  # samples per worker task: large enough to amortise IPC, small enoug
 GPU_CHUNK = 128
 PREFETCH_CHUNKS = 3  # chunks preprocessed ahead of the forwards, on CUDA (`in_background`): >= 4 forwards at 256
 PIPELINE_DEPTH = 2  # forwards queued on the device before the host waits for the oldest one's results
+# Budgets up to this many patches replay CUDA graphs (`cuda_graphs=True`): the graphs' memory is about one forward's
+# activations at the budget, as the eager forwards take, plus static buffers of the budget's rows.
+CUDA_GRAPH_MAX_TOKENS = 65536
 
 
 class StageClock:
-    """Host seconds per stage, added up across threads: where each thread of the pipeline spent its time."""
+    """Host seconds per stage, added up across threads: where each thread of the pipeline spent its time; and the
+    wall clock of its start-up steps (`mark`)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.marks: dict[str, float] = {}  # step -> wall clock (time.time()) when it was first reached
         self.lock = threading.Lock()
+
+    def mark(self, step: str) -> None:
+        self.marks.setdefault(step, time.time())
 
     def add(self, stage: str, seconds: float) -> None:
         with self.lock:
@@ -463,29 +471,33 @@ def in_background(
     return consumer
 
 
-def started(loader: Iterable, event: threading.Event) -> Iterator:
-    """`loader`'s items; `event` is set once its iterator exists (for a DataLoader: its workers are forked)."""
-    try:
-        iterator = iter(loader)
-    finally:
-        event.set()
-    yield from iterator
+def warm_up_grids(processor, max_tokens: int) -> list[tuple[int, int, int]]:
+    """The grids of a forward that fills the budget as the job's forwards do, so that its CUDA graph (when graphs
+    are on) is the one most forwards replay: frames of the processor's largest grid, the last one a patch short (a
+    mixed corpus's forwards rarely fill the budget to the patch, and `cuda_graphs.Bucket` then adds a padding
+    segment); fixed-size AIMv2: its crop's grid, whose forwards fill the budget exactly."""
+    options = processor.options({})
+    patch_size = options["patch_size"]
+    if not options.get("is_native", True) and options.get("do_center_crop"):
+        rows, cols = options["crop_size"]["height"] // patch_size, options["crop_size"]["width"] // patch_size
+        return [(1, rows, cols)] * max(1, min(max_tokens, 16384) // (rows * cols))
+    side = max(1, int(options.get("max_num_patches", 256) ** 0.5))
+    frames = max(1, min(max_tokens, 16384) // (side * side))
+    return [(1, side, side)] * (frames - 1) + [(1, side, side - 1 if side > 1 else 1)]
 
 
 def warm_up(model, processor, max_tokens: int, stream: torch.cuda.Stream) -> None:
-    """One forward of up to `max_tokens` patches of the processor's usual grid (zeros), waited for: the one-time
-    costs of a process's first forward, paid while the workers start rather than by the first chunks. Outputs do
-    not depend on it (no state is kept)."""
-    options = processor.options({})
-    patch_size = options["patch_size"]
-    rows = cols = 16  # Siglip2 and native AIMv2 take any grid; fixed-size AIMv2 its crop's
-    if not options.get("is_native", True) and options.get("do_center_crop"):
-        rows, cols = options["crop_size"]["height"] // patch_size, options["crop_size"]["width"] // patch_size
-    frames = max(1, min(max_tokens, 16384) // (rows * cols))
+    """One forward of `warm_up_grids` (zeros), waited for: the one-time costs of a process's first forward (lazy
+    kernel loading, cuBLAS workspaces, Triton compiles; with CUDA graphs on, the capture of the graph most forwards
+    replay), paid before the first images arrive rather than by them. Outputs do not depend on it (no state is kept
+    but the graph, whose replays compute what the eager forward does)."""
+    grids = warm_up_grids(processor, max_tokens)
+    patch_size = processor.options({})["patch_size"]
     weight = next(model.parameters())
     with torch.no_grad(), torch.cuda.stream(stream):
-        patches = torch.zeros(frames * rows * cols, 3 * patch_size**2, device=weight.device, dtype=weight.dtype)
-        model(patches, torch.tensor([[1, rows, cols]] * frames))
+        tokens = sum(t * h * w for t, h, w in grids)
+        patches = torch.zeros(tokens, 3 * patch_size**2, device=weight.device, dtype=weight.dtype)
+        model(patches, torch.tensor(grids))
     stream.synchronize()
 
 
@@ -523,16 +535,22 @@ def encoded_results(
     preprocess: str = "cpu",
     group_of: Callable[[Any], Any] = lambda tag: None,
     clock: StageClock | None = None,
+    device: torch.device | str | None = None,
+    cuda_graphs: bool = False,
 ) -> Iterator[ForwardResult]:
-    """The whole pipeline: samples -> results in input order (see the module docstring). `clock`: gets the host
-    seconds of each stage."""
+    """The whole pipeline: samples -> results in input order (see the module docstring).
+
+    `model`: the tower, or a function of no arguments that loads it onto `device`: called once the workers and the
+    preprocessing thread run, so that the load overlaps the first images' reading and decoding. `clock`: gets the
+    host seconds of each stage and the start-up marks. `cuda_graphs`: the forwards replay CUDA graphs
+    (`enable_cuda_graphs`, one graph per size bucket, the usual one captured in the warm-up) where they apply."""
     clock = clock or StageClock()
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive number of patches, got {max_tokens}")
-    device = next(model.parameters()).device
-    gpu = None
     if preprocess not in ("auto", "cpu", "gpu"):
         raise ValueError(f"preprocess must be 'auto', 'cpu' or 'gpu', got {preprocess!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    gpu = None
     if preprocess != "cpu":
         from .gpu_preprocessing import GpuPreprocessing
 
@@ -551,14 +569,24 @@ def encoded_results(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    workers_started = threading.Event()
-    chunks = chunks_on_device(started(loader, workers_started), device, prepare.options, gpu, clock)
+    # The workers are forked here, in this thread, before any other thread of ours runs CUDA work: a fork in the
+    # middle of another thread's CUDA calls would copy that state mid-flight.
+    chunks = iter(loader)
+    clock.mark("workers started")
+    chunks = chunks_on_device(chunks, device, prepare.options, gpu, clock)
     streams = None
     if device.type == "cuda":
         streams = Streams(torch.cuda.Stream(device), torch.cuda.Stream(device))
-        chunks = in_background(chunks, PREFETCH_CHUNKS, streams.preprocessing, clock)
-        workers_started.wait(timeout=60)  # not while they fork: they would copy this thread's CUDA work mid-flight
-        with clock.timing("forward: warm-up while the workers start"):
+        chunks = in_background(chunks, PREFETCH_CHUNKS, streams.preprocessing, clock)  # decoding starts now
+    if callable(model) and not isinstance(model, torch.nn.Module):
+        with clock.timing("forward: loading the model (the workers and the preprocessing run meanwhile)"):
+            model = model()
+    clock.mark("model loaded")
+    if device.type == "cuda":
+        if cuda_graphs and getattr(model, "cuda_graphs", False) is None and max_tokens <= CUDA_GRAPH_MAX_TOKENS:
+            model.enable_cuda_graphs(max_tokens=max_tokens, max_frames=max(256, max_tokens // 16))
+        with clock.timing("forward: warm-up"):
             warm_up(model, processor, max_tokens, streams.forwards)
+        clock.mark("warmed up")
     entries = itertools.chain.from_iterable(chunks)
     yield from run_forwards(model, entries, max_tokens, patch_features, group_of, streams, clock)
