@@ -1,6 +1,7 @@
-"""The encode pipeline's stage plumbing on the CPU: the stage clock, the workers' start signal, the preprocessing
+"""The encode pipeline's stage plumbing on the CPU: the stage clock, the warm-up's graph bucket, the preprocessing
 thread's life, and the GPU path's reading stage (what the workers hand over before any GPU work)."""
 
+import collections
 import gc
 import threading
 import time
@@ -10,7 +11,7 @@ import PIL.Image
 import pytest
 
 from packed_vit.encode.gpu_preprocessing import TorchPreprocessing
-from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource, StageClock, in_background, started
+from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource, StageClock, in_background
 from packed_vit.processing import Aimv2PackingImageProcessor, Siglip2PackingImageProcessor
 
 
@@ -28,20 +29,38 @@ def test_stage_clock_adds_up_the_time_spent_waiting_for_each_item():
     assert clock.seconds["read"] >= 0.06 and 0.01 <= clock.seconds["work"] < clock.seconds["read"]
 
 
-def test_started_signals_once_the_iterator_exists_also_when_making_it_fails():
-    event = threading.Event()
-    items = started([1, 2], event)
-    assert not event.is_set()  # a generator: nothing runs before the first next()
-    assert next(items) == 1 and event.is_set()
+@pytest.mark.parametrize("tower,budget", [("siglip2", 256), ("siglip2", 1024), ("aimv2_native", 1024),
+                                           ("aimv2_fixed", None)])  # fmt: skip
+def test_the_warm_up_forward_captures_the_graph_bucket_most_forwards_of_a_mixed_corpus_replay(tower, budget):
+    """The warm-up's forward is where the CUDA graph of the job's usual bucket is captured (pipeline.warm_up): it
+    must be the bucket that most full forwards of a corpus of mixed sizes fall in, or they would capture their own
+    during the run."""
+    from packed_vit.encode.pipeline import token_budget_batches, warm_up_grids
+    from packed_vit.modeling.cuda_graphs import Bucket
 
-    class Broken:
-        def __iter__(self):
-            raise OSError("no workers")
+    if tower == "siglip2":
+        processor = Siglip2PackingImageProcessor(max_num_patches=budget)
+    else:
+        settings = {"is_native": True, "max_num_patches": budget} if tower == "aimv2_native" else {}
+        processor = Aimv2PackingImageProcessor(**settings)
+    rule, patch_size = TorchPreprocessing(processor), processor.options({})["patch_size"]
+    rng = np.random.default_rng(0)
+    grids = []
+    for height, width in rng.integers(200, 1601, (3000, 2)):
+        size = rule.target_size(int(height), int(width))
+        if rule.tower == "aimv2" and not rule.options["is_native"]:  # cropped to its square
+            size = (rule.options["crop_size"]["height"], rule.options["crop_size"]["width"])
+        grids.append((1, size[0] // patch_size, size[1] // patch_size))
 
-    event = threading.Event()
-    with pytest.raises(OSError, match="no workers"):
-        next(started(Broken(), event))
-    assert event.is_set()  # the pipeline's wait for it cannot hang
+    def bucket(batch):
+        lengths = [h * w for _, h, w in batch]
+        return Bucket.fitting(sum(lengths), len(lengths), max(lengths))
+
+    batches = list(token_budget_batches(grids, 16384, tokens=lambda grid: grid[1] * grid[2]))[:-1]  # full ones
+    buckets = collections.Counter(bucket(batch) for batch in batches)
+    usual, count = buckets.most_common(1)[0]
+    assert bucket(warm_up_grids(processor, 16384)) == usual
+    assert count >= 0.6 * len(batches), buckets  # one graph serves most forwards
 
 
 def test_the_preprocessing_thread_starts_at_once_and_stops_when_its_consumer_is_dropped():
