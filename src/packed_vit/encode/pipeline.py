@@ -525,6 +525,16 @@ def run_forwards(
         yield oldest()
 
 
+def has_gpu_preprocessing(processor) -> bool:
+    """One of our packed processors, which the GPU path preprocesses (asked without touching CUDA)."""
+    from .gpu_preprocessing import tower_of_processor
+
+    try:
+        return bool(tower_of_processor(processor))
+    except ValueError:
+        return False
+
+
 def encoded_results(
     model,
     processor,
@@ -550,33 +560,46 @@ def encoded_results(
     if preprocess not in ("auto", "cpu", "gpu"):
         raise ValueError(f"preprocess must be 'auto', 'cpu' or 'gpu', got {preprocess!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    prepare = CpuPreparation(processor)
+
+    def batches(gpu_decode: bool) -> Iterator[Chunk]:
+        dataset = ChunkDataset(samples, prepare, gpu_decode)
+        return iter(torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,  # a worker's item is already a chunk
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        ))  # fmt: skip
+
+    # The workers are forked first: before this process makes its CUDA context (forking 14 workers of a process
+    # with one took 0.9 s on the H200 machine: RESULTS.md, encode job) and before any other thread of ours runs
+    # CUDA work (a fork in the middle of another thread's CUDA calls would copy that state mid-flight).
     gpu = None
-    if preprocess != "cpu":
+    gpu_decode = preprocess == "gpu" or (preprocess == "auto" and device.type == "cuda" and has_gpu_preprocessing(processor))
+    if gpu_decode and device.type != "cuda":
+        from .gpu_preprocessing import GpuPreprocessing
+
+        GpuPreprocessing(processor, device)  # raises its "needs a CUDA device"
+    chunks = batches(gpu_decode)
+    if gpu_decode:
         from .gpu_preprocessing import GpuPreprocessing
 
         try:
             gpu = GpuPreprocessing(processor, device)
-        except ValueError:  # not CUDA, not one of our processors, no torchvision or no nvJPEG in it
+        except ValueError:  # no torchvision, or no nvJPEG in it
             if preprocess == "gpu":
                 raise
-    prepare = CpuPreparation(processor)
-    dataset = ChunkDataset(samples, prepare, gpu_decode=gpu is not None)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,  # a worker's item is already a chunk
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
-    # The workers are forked here, in this thread, before any other thread of ours runs CUDA work: a fork in the
-    # middle of another thread's CUDA calls would copy that state mid-flight.
-    chunks = iter(loader)
+            del chunks  # "auto": the CPU path after all; its workers are stopped
+            chunks = batches(gpu_decode=False)
     clock.mark("workers started")
     chunks = chunks_on_device(chunks, device, prepare.options, gpu, clock)
     streams = None
     if device.type == "cuda":
-        streams = Streams(torch.cuda.Stream(device), torch.cuda.Stream(device))
+        # The preprocessing's kernels at the highest priority: they are few and small, and a forward replayed from a
+        # CUDA graph fills the GPU; at the default priority they wait behind its kernels.
+        streams = Streams(torch.cuda.Stream(device, priority=-100), torch.cuda.Stream(device))
         chunks = in_background(chunks, PREFETCH_CHUNKS, streams.preprocessing, clock)  # decoding starts now
     if callable(model) and not isinstance(model, torch.nn.Module):
         with clock.timing("forward: loading the model (the workers and the preprocessing run meanwhile)"):
