@@ -283,15 +283,19 @@ def nvjpeg(path) -> torch.Tensor:
 
 def reference_inputs(config_name: str, mode: str, path, ours_processor) -> dict:
     """transformers' tower inputs for one image as the reference of `mode`: "cpu" its PIL backend on PIL's pixels,
-    "gpu" its torchvision backend on CUDA on nvJPEG's pixels. AIMv2 native has no transformers processor: our CPU
-    processor (cpu), our GPU preprocessing (gpu), as an image."""
+    "gpu" its torchvision backend on CUDA on nvJPEG's pixels, "gpu-hw" (the hardware engines, whose pixels are
+    PIL's within a level) transformers' own pipeline: its default processor on PIL's pixels. AIMv2 native has no
+    transformers processor: our CPU processor (cpu, gpu-hw), our GPU preprocessing (gpu), as an image."""
     family, fields, _, has_processor = CONFIGS[config_name]
+    if has_processor and "-hw" in mode:  # the hardware engines' pixels are PIL's: transformers' own pipeline
+        processor = transformers_processor(config_name)
+        return transformers_inputs(dict(processor(PIL.Image.open(path).convert("RGB"), return_tensors="pt")))
     if has_processor:
         processor = transformers_processor(config_name, "pil" if mode == "cpu" else "default")
         if mode == "cpu":
             return transformers_inputs(dict(processor(PIL.Image.open(path).convert("RGB"), return_tensors="pt")))
         return transformers_inputs(dict(processor(nvjpeg(path), return_tensors="pt", device="cuda")))
-    if mode == "cpu":
+    if mode == "cpu" or "-hw" in mode:
         out = ours_processor(PIL.Image.open(path), return_tensors="pt", do_convert_rgb=True)
         patches, grid = out["pixel_values"], out["grid_thw"][0]
     else:

@@ -21,13 +21,16 @@
 On CUDA the stages are threads with a queue between each, each stage on its own CUDA stream:
   read (DataLoader workers) -> preprocess (a thread: copies or nvJPEG decode, resize, normalize; `in_background`)
   -> forward (the caller's thread, PIPELINE_DEPTH forwards queued) -> results, in input order.
+Start-up, in this order: the workers are forked (before this process has a CUDA context, which makes forks slow);
+the preprocessing thread starts reading and decoding; the model loads meanwhile (`model` may be a function that
+loads it); one forward of the budget's size (`warm_up`) pays the one-time costs of a process's first forward (lazy
+kernel loading, cuBLAS workspaces, Triton, and with `cuda_graphs` the capture of the graph most forwards replay).
 The preprocessing thread records a CUDA event after each chunk; a forward waits for the events of its own images'
 chunks only (not for the whole preprocessing stream, which by then holds the next chunks' work too). nvJPEG's batch
-decode waits for all the work queued on the device, so it must not run in the thread that queues the forwards, and
-PREFETCH_CHUNKS chunks stay ready ahead so the forwards never wait for a decode. While the workers start, this
-thread runs one forward of the budget's size (`warm_up`): a fresh process's first forward pays one-time costs (lazy
-kernel loading, cuBLAS workspaces, Triton compiles) that would otherwise stall the pipeline's first chunks.
-`StageClock` adds up each stage's host seconds (`benchmarks/bench_encode.py --profile` prints them).
+decode returns only once its batch is decoded, so it must not run in the thread that queues the forwards, and
+PREFETCH_CHUNKS chunks stay ready ahead so the forwards never wait for a decode. The preprocessing stream has the
+highest priority: its kernels are small and a forward replayed from a graph fills the GPU.
+`StageClock` adds up each stage's host seconds and marks the start-up steps (`packed-vit encode --profile`).
 """
 
 from __future__ import annotations
