@@ -523,9 +523,10 @@ def encoded_results(
     preprocess: str = "cpu",
     group_of: Callable[[Any], Any] = lambda tag: None,
     clock: StageClock | None = None,
+    jpeg_decoder: str = "auto",
 ) -> Iterator[ForwardResult]:
     """The whole pipeline: samples -> results in input order (see the module docstring). `clock`: gets the host
-    seconds of each stage."""
+    seconds of each stage. `jpeg_decoder`: the GPU path's JPEG decoder (`jpeg_decoders`)."""
     clock = clock or StageClock()
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive number of patches, got {max_tokens}")
@@ -535,9 +536,11 @@ def encoded_results(
         raise ValueError(f"preprocess must be 'auto', 'cpu' or 'gpu', got {preprocess!r}")
     if preprocess != "cpu":
         from .gpu_preprocessing import GpuPreprocessing
+        from .jpeg_decoders import check_jpeg_decoder
 
+        check_jpeg_decoder(jpeg_decoder)  # an unknown or absent decoder is refused, not taken for "no GPU path"
         try:
-            gpu = GpuPreprocessing(processor, device)
+            gpu = GpuPreprocessing(processor, device, jpeg_decoder)
         except ValueError:  # not CUDA, not one of our processors, no torchvision or no nvJPEG in it
             if preprocess == "gpu":
                 raise
