@@ -274,11 +274,14 @@ def test_the_gpu_path_on_the_engines_embeds_as_the_cpu_path(hardware, baseline, 
     for i, encoded in enumerate([*baseline.values(), *progressive.values()]):
         paths.append(tmp_path / f"{i:02d}.jpg")
         paths[-1].write_bytes(encoded)
-    images = [(str(p), p) for p in paths]
-    gpu = encode_images(model, processor, images, max_tokens=700, progress=False, preprocess="gpu",
-                        jpeg_decoder="nvimgcodec")  # fmt: skip
+    (tmp_path / "broken.jpg").write_bytes(BROKEN["zeros after the marker"])
+    images = [(str(p), p) for p in [*paths[:4], tmp_path / "broken.jpg", *paths[4:]]]
+    gpu, gpu_workers = (encode_images(model, processor, images, max_tokens=700, progress=False, workers=workers,
+                                      preprocess="gpu", jpeg_decoder="nvimgcodec") for workers in (0, 2))  # fmt: skip
     cpu = encode_images(model, processor, images, max_tokens=700, progress=False, preprocess="cpu")
-    assert gpu.names == cpu.names == [str(p) for p in paths] and not gpu.skipped
+    assert gpu.names == cpu.names == [str(p) for p in paths]
+    assert [name for name, _ in gpu.skipped] == [str(tmp_path / "broken.jpg")]
+    assert torch.equal(gpu.tensors()["pooled"], gpu_workers.tensors()["pooled"])  # any worker count, the same bits
     cosine = torch.nn.functional.cosine_similarity(gpu.tensors()["pooled"].double(), cpu.tensors()["pooled"].double())
     with capsys.disabled():  # information for RESULTS.md: how close the two paths come
         print(f"\n[gpu path on the engines vs cpu path, fp32 embeddings: min cosine {cosine.min():.7f}]")

@@ -80,11 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "docs/encode-performance.md); auto "
                              "(default): gpu where it applies, else cpu")  # fmt: skip
     encode.add_argument("--jpeg-decoder", choices=JPEG_DECODERS, default="auto",
-                        help="the GPU path's JPEG decoder (the cpu path decodes with PIL): nvjpeg (torchvision's, on "
-                             "the GPU's SMs; pixels up to 51 levels from PIL's at a few pixels), nvimgcodec (the GPU's "
-                             "hardware JPEG engines, A100/H100/H200, through NVIDIA's nvImageCodec: pixels within 1 "
-                             "level of PIL's, progressive JPEGs within 3 by its other backends; needs pip install "
-                             "\"packed-vit[nvimgcodec]\"), auto (default): "
+                        help="the GPU path's JPEG decoder (the cpu path decodes with PIL): nvjpeg (torchvision's "
+                             "nvJPEG decoder; pixels up to 51 levels from PIL's at a few pixels), nvimgcodec (the "
+                             "GPU's hardware JPEG engines, A100/H100/H200, through NVIDIA's nvImageCodec: pixels "
+                             "within 1 level of PIL's, progressive JPEGs within 3 by its other backends; needs "
+                             "pip install \"packed-vit[nvimgcodec]\"), auto (default): "
                              f"{AUTO_JPEG_DECODER}{', else nvjpeg' if AUTO_JPEG_DECODER != 'nvjpeg' else ''}. "
                              "Speed of each: measured in benchmarks/RESULTS.md")  # fmt: skip
     encode.add_argument("--device", help="torch device (default: cuda when available, else cpu)")

@@ -6,8 +6,8 @@ queues on its current CUDA stream after the call (no device-wide wait is needed)
 cannot be decoded (the pipeline names it as a skip; the other files of the batch are decoded all the same). Files go
 as stored: the pipeline sends only RGB / grayscale JPEGs without an EXIF rotation (`gpu_preprocessing.read_for_gpu`).
 
-- `nvjpeg` (`NvJpegDecoder`): torchvision's `decode_jpeg` on CUDA (nvJPEG on the SMs). Its pixels are up to 51 levels
-  off libjpeg-turbo's (PIL's) at a few pixels (mean 0.41 on the benchmark corpus: RESULTS.md).
+- `nvjpeg` (`NvJpegDecoder`): torchvision's `decode_jpeg` on CUDA (nvJPEG with its default flags). Its pixels are up to
+  51 levels off libjpeg-turbo's (PIL's) at a few pixels (mean 0.41 on the benchmark corpus: RESULTS.md).
 - `nvimgcodec` (`HardwareJpegDecoder`): the GPU's hardware JPEG engines (A100, H100, H200...) through NVIDIA's
   nvImageCodec, an optional extra: within 1 level of PIL on the 3000-JPEG corpus (issue 23's probe).
 - `auto`: `AUTO_JPEG_DECODER`, or nvJPEG where that one cannot be made.
@@ -93,9 +93,12 @@ def make_jpeg_decoder(name: str, device):
 class NvJpegDecoder:
     """torchvision's nvJPEG decoder on CUDA, a batch per call.
 
-    Pixels vs PIL (libjpeg-turbo): up to 51 levels apart at a few pixels, mean 0.41 on the benchmark corpus; nvJPEG
-    upsamples the chroma without libjpeg's interpolation. Ordering: the call returns once the batch is decoded
-    (torchvision waits for its decoder's stream), so any work queued after it sees the pixels."""
+    Pixels vs PIL (libjpeg-turbo): up to 51 levels apart at a few pixels, mean 0.41 on the benchmark corpus. From
+    torchvision's source (0.19 on), not measured here: its batch decode sends baseline JPEGs to nvJPEG's hardware
+    backend where the GPU has one (the same engines as `nvimgcodec`) and the rest to nvJPEG's hybrid decoder, both with
+    NVJPEG_FLAGS_DEFAULT, i.e. without libjpeg's interpolating chroma upsampling, which nvImageCodec turns on: the
+    likely source of most of the difference. Ordering: the call returns once the batch is decoded (torchvision waits
+    for its decoder's stream), so any work queued after it sees the pixels."""
 
     name = "nvjpeg"
 
@@ -143,20 +146,22 @@ class HardwareJpegDecoder:
     """The GPU's hardware JPEG engines through nvImageCodec (`nvidia.nvimgcodec`), a batch per call, with a fallback.
 
     Two nvImageCodec decoders on the device: `engines` has the hardware backend only (`BackendKind.HW_GPU_ONLY`);
-    `fallback` has nvImageCodec's default backends (CUDA nvJPEG, hybrid GPU / CPU, CPU libjpeg-turbo) and decodes what
-    the engines decline: progressive JPEGs (all 60 of the corpus), chroma subsamplings the engines lack (4:1:1...),
-    and so any file a batch failure left undecoded. Pixels vs PIL (libjpeg-turbo), on issue 23's 3000-JPEG corpus:
+    `fallback` has nvImageCodec's default backends (all of them: GPU, hybrid GPU / CPU, CPU libjpeg-turbo; a file one
+    declines goes to the next) and gets what `engines` declined: progressive JPEGs (all 60 of the corpus), chroma
+    subsamplings the engines lack (4:1:1...), any file a failed batch left undecoded.
+    Pixels vs PIL (libjpeg-turbo), on issue 23's 3000-JPEG corpus:
     - engines: within 1 level, mean difference 0.0000; 4:4:4 and grayscale identical, 4:2:2 within 1;
     - fallback: within 3 levels on the corpus's progressive JPEGs.
     Both decode with libjpeg's chroma interpolation (`NVIMGCODEC_OPTIONS`). Grayscale JPEGs come out as RGB with three
-    equal channels, as PIL's convert("RGB"). A file neither can decode gets a RuntimeError (nvImageCodec says no more
-    than that it failed; with PYNVIMGCODEC_VERBOSITY=2 it logs its reason on stderr).
+    equal channels, as PIL's convert("RGB"). A file neither can decode gets a RuntimeError (nvImageCodec returns no
+    reason; with PYNVIMGCODEC_VERBOSITY=2 or more it logs a warning per file on stderr).
 
     Ordering and memory: both decode on the caller's current CUDA stream (`cuda_stream=`), and nvImageCodec allocates
     each image there (stream-ordered, `cudaMallocAsync`), so work queued on that stream after the call sees the pixels.
-    No copy: each image becomes a torch tensor through DLPack (`torch.from_dlpack`), which owns it from then on (the
-    buffer is freed, on the same stream, when the tensor is), HWC viewed as CHW (`permute`): a [3, H, W] view of
-    channel-last memory, which the resize reads as any strided tensor.
+    No copy: each image becomes a torch tensor through DLPack (`torch.from_dlpack`, which also orders the caller's
+    stream after the image's), and the tensor owns it from then on: the buffer is freed when the tensor is, ordered on
+    that same stream, so after the work queued on it. HWC viewed as CHW (`permute`): a [3, H, W] view of channel-last
+    memory, which the resize reads as any strided tensor (tests/test_jpeg_decoders.py: the same patches as a copy).
     """
 
     name = "nvimgcodec"
@@ -176,7 +181,7 @@ class HardwareJpegDecoder:
         # As stored, no EXIF rotation (the pipeline sends only upright JPEGs), RGB out (grayscale replicated).
         self.params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
         (probe,) = self.decode_with(self.engines, [np.frombuffer(tiny_jpeg(256), dtype=np.uint8)])
-        if not isinstance(probe, torch.Tensor):  # a GPU without the engines (consumer ones, V100...) decodes nothing
+        if not isinstance(probe, torch.Tensor):  # a GPU without the engines decodes nothing here
             raise ValueError(f"{torch.cuda.get_device_name(self.device)} has no hardware JPEG engines nvImageCodec can "
                              "use (A100, H100, H200 and others have them): use --jpeg-decoder nvjpeg")  # fmt: skip
 
