@@ -31,6 +31,8 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "flash4": ["flash-attn-4>=4.0.0b36"],
         "encode": ["webdataset>=0.2"],
+        # the GPU's hardware JPEG engines (--jpeg-decoder nvimgcodec); for CUDA 12: nvidia-nvimgcodec-cu12[nvjpeg]
+        "nvimgcodec": ["nvidia-nvimgcodec-cu13[nvjpeg]>=0.9"],
         "test": ["pytest", "scikit-image", "webdataset>=0.2", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["packed-vit=packed_vit.cli:main"]},

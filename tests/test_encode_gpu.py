@@ -148,7 +148,7 @@ def test_a_chunk_is_normalized_at_once_to_the_same_bits_as_each_image(tmp_path):
     dataset = ChunkDataset(PairsSource([(str(p), str(p)) for p in paths]), CpuPreparation(processor), True)
     (chunk,) = list(dataset)
     ours.prepare_chunk(chunk)
-    decoded = ours.decode([torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in paths])
+    decoded = ours.decoder.decode([torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in paths])
     for entry, image in zip(chunk.entries, decoded):
         patches, grid = ours.patches(image)
         assert entry.grid == grid and torch.equal(entry.pixels, patches), entry.name

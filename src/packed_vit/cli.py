@@ -1,7 +1,8 @@
 """The `packed-vit` command (also `python -m packed_vit`).
 
     packed-vit encode INPUTS... --model PATH_OR_REPO [--out FILE.safetensors | DIR] [--shard-size N] [--overwrite]
-                      [--workers K] [--preprocess auto|cpu|gpu] [--device D] [--dtype T] [--max-tokens N]
+                      [--workers K] [--preprocess auto|cpu|gpu] [--jpeg-decoder auto|nvjpeg|nvimgcodec]
+                      [--device D] [--dtype T] [--max-tokens N]
                       [--patch-features] [--revision R] [--attn-implementation A] [--strict] [--no-cuda-graphs]
                       [--profile]
     torchrun --nproc_per_node N -m packed_vit encode ... --out DIR
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 from .encode.job import DEFAULT_MAX_TOKENS, DEFAULT_SHARD_SIZE
+from .encode.jpeg_decoders import AUTO_JPEG_DECODER, JPEG_DECODERS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -78,6 +80,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "and AIMv2; measured 1.8-2x the cpu path's images/s at 256 patches, on par at 1024: "
                              "docs/encode-performance.md); auto "
                              "(default): gpu where it applies, else cpu")  # fmt: skip
+    encode.add_argument("--jpeg-decoder", choices=JPEG_DECODERS, default="auto",
+                        help="the GPU path's JPEG decoder (the cpu path decodes with PIL): nvjpeg (torchvision's "
+                             "nvJPEG decoder; pixels up to 51 levels from PIL's at a few pixels), nvimgcodec (the "
+                             "GPU's hardware JPEG engines, A100/H100/H200, through NVIDIA's nvImageCodec: pixels "
+                             "within 1 level of PIL's, progressive JPEGs within 3 by its other backends; needs "
+                             "pip install \"packed-vit[nvimgcodec]\"), auto (default): "
+                             f"{AUTO_JPEG_DECODER}{', else nvjpeg' if AUTO_JPEG_DECODER != 'nvjpeg' else ''}. "
+                             "Speed of each: measured in benchmarks/RESULTS.md")  # fmt: skip
     encode.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     encode.add_argument("--dtype", choices=DTYPES, help="model dtype (default: bfloat16 on CUDA, float32 otherwise)")
     encode.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
@@ -139,7 +149,7 @@ def run_encode(args: argparse.Namespace, started: float | None = None) -> int:
         dtype=args.dtype, max_tokens=args.max_tokens, patch_features=args.patch_features,
         attn_implementation=args.attn_implementation, workers=args.workers, preprocess=args.preprocess,
         shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress, strict=args.strict,
-        cuda_graphs=not args.no_cuda_graphs, profile=args.profile,
+        jpeg_decoder=args.jpeg_decoder, cuda_graphs=not args.no_cuda_graphs, profile=args.profile,
     ), started)  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """The GPU preprocessing path of the encode job (`--preprocess gpu`, CUDA): Siglip2 and AIMv2 checkpoints.
 
 Workers only read the files (and the image header, to tell JPEGs from the rest). In the pipeline's preprocessing
-thread JPEGs are decoded on the GPU by torchvision's nvJPEG decoder, a batch per chunk; other formats arrive decoded
+thread JPEGs are decoded on the GPU by `jpeg_decoders` (nvJPEG, nvImageCodec), a batch per chunk; others arrive decoded
 by PIL. Each image is then resized (and, for fixed-size AIMv2, center cropped), rescaled and normalized with the
 torch operations of transformers' torchvision backend (`Siglip2ImageProcessor`; `CLIPImageProcessor` for AIMv2):
 `tvF.resize` with antialias, the backend's center crop, `tvF.normalize` with mean and std divided by the rescale
@@ -14,7 +14,7 @@ it makes the CUDA path's float resize, which torchvision's CPU uint8 kernels do 
 our PIL processors within the resize filters' difference (tests/test_torch_preprocessing.py). nvJPEG's pixels may
 differ from libjpeg's by a level here and there (up to 51 at a few pixels on the benchmark corpus).
 
-torchvision is imported only here, and only by `GpuPreprocessing`, so the rest of the job runs without it.
+torchvision and nvImageCodec are imported only when `GpuPreprocessing` is made: the rest of the job runs without them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import PIL.Image
 import torch
 
 from .inputs import Sample, read_image
+from .jpeg_decoders import make_jpeg_decoder
 from .pipeline import StageClock
 
 GPU_DECODED_FORMATS = ("JPEG",)
@@ -53,12 +54,6 @@ def read_for_gpu(source) -> tuple[str, tuple[int, int], np.ndarray]:
             return "jpeg", (image.height, image.width), np.frombuffer(data, dtype=np.uint8)
     rgb = _pil_to_rgb(read_image(data))  # upright, as the CPU path and transformers' load_image read it
     return "decoded", rgb.shape[:2], np.ascontiguousarray(rgb.transpose(2, 0, 1))
-
-
-def tiny_jpeg() -> bytes:
-    buffer = io.BytesIO()
-    PIL.Image.new("RGB", (8, 8)).save(buffer, format="JPEG")
-    return buffer.getvalue()
 
 
 def tower_of_processor(processor) -> str:
@@ -197,50 +192,25 @@ class TorchPreprocessing:
 
 
 class GpuPreprocessing(TorchPreprocessing):
-    """`TorchPreprocessing` on a CUDA device, with nvJPEG decoding of whole chunks."""
+    """`TorchPreprocessing` on a CUDA device, with whole chunks of JPEGs decoded there by `decoder`
+    (`jpeg_decoders.make_jpeg_decoder(jpeg_decoder, device)`: "auto", "nvjpeg" or "nvimgcodec")."""
 
-    def __init__(self, processor, device: torch.device):
+    def __init__(self, processor, device: torch.device, jpeg_decoder: str = "auto"):
         if device.type != "cuda":
             raise ValueError("GPU preprocessing needs a CUDA device: use --preprocess cpu on this one")
         super().__init__(processor)
-        try:
-            import torchvision.io
-        except ImportError as error:
-            raise ValueError(f"GPU preprocessing needs torchvision ({error}): use --preprocess cpu") from None
-        self.io = torchvision.io
         self.device = device
-        try:  # a torchvision built without nvJPEG fails here, not on every image
-            self.io.decode_jpeg(torch.frombuffer(bytearray(tiny_jpeg()), dtype=torch.uint8), device=device)
-        except RuntimeError as error:
-            raise ValueError(f"GPU preprocessing needs torchvision's nvJPEG decoder ({error}): use --preprocess cpu") \
-                from None  # fmt: skip
+        self.decoder = make_jpeg_decoder(jpeg_decoder, device)
         self.mean = self.mean.to(device) if self.mean is not None else None
         self.std = self.std.to(device) if self.std is not None else None
-
-    def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
-        """JPEG bytes -> [3, H, W] uint8 on the GPU, a batch at a time; a file nvJPEG refuses gets the error.
-        The call returns once the batch is decoded (torchvision waits for its decoder's stream)."""
-        if not encoded:
-            return []
-        read_rgb = self.io.ImageReadMode.RGB
-        try:
-            return list(self.io.decode_jpeg(encoded, mode=read_rgb, device=self.device))
-        except RuntimeError:  # one bad file fails the batch: find it
-            decoded = []
-            for data in encoded:
-                try:
-                    decoded.append(self.io.decode_jpeg(data, mode=read_rgb, device=self.device))
-                except RuntimeError as error:
-                    decoded.append(error)
-            return decoded
 
     def prepare_chunk(self, chunk, clock: StageClock | None = None) -> None:
         """Sets `pixels` and `grid` of the chunk's GPU-path entries; a JPEG nvJPEG cannot decode becomes a skip.
         `clock`: where the host seconds of the decode and of the preprocessing launches are added up."""
         clock = clock or StageClock()
         jpegs = [entry for entry in chunk.entries if entry.kind == "jpeg"]
-        with clock.timing("decode: nvJPEG batches (host waits)"):
-            decoded = self.decode([chunk.encoded[entry.rows] for entry in jpegs])
+        with clock.timing("decode: JPEG batches (host waits)"):
+            decoded = self.decoder.decode([chunk.encoded[entry.rows] for entry in jpegs])
         with clock.timing("preprocess: resize + normalize launches"):
             images = dict(zip(map(id, jpegs), decoded))
             mine, pieces = [], []

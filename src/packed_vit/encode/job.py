@@ -20,6 +20,7 @@ import torch
 
 from . import ranks
 from .inputs import Part, find_parts
+from .jpeg_decoders import check_jpeg_decoder
 from .output import Embeddings, FolderBusy, FolderLock, JobMismatch, ShardWriter, WriteFault, finished_shards, \
     prepare_folder, read_manifest, refuse_foreign_folder, resume_position, save_embeddings, write_manifest  # fmt: skip
 from .pipeline import PairsSource, StageClock, encoded_results
@@ -119,11 +120,13 @@ def encode_images(
     workers: int = 0,
     preprocess: str = "cpu",
     cuda_graphs: bool = False,
+    jpeg_decoder: str = "auto",
 ) -> Embeddings:
     """(name, image) pairs -> `Embeddings`, the images in the order given, less the skipped ones.
 
     `images`: image paths or images the processor takes. `total`: the number of images, for the progress bar.
     `workers`: decoding processes (0: this one). `preprocess`: "cpu" (PIL, the processor), "gpu" (CUDA) or "auto".
+    `jpeg_decoder`: the GPU path's JPEG decoder, "auto", "nvjpeg" or "nvimgcodec" (`jpeg_decoders`).
     `cuda_graphs`: on CUDA, enable the model's CUDA graphs (`model.enable_cuda_graphs`) for the job's forwards, as
     `packed-vit encode` does by default.
     """
@@ -134,7 +137,7 @@ def encode_images(
     start = time.perf_counter()
     try:
         for forward in encoded_results(model, processor, PairsSource(pairs), max_tokens, patch_features, workers,
-                                       preprocess, cuda_graphs=cuda_graphs):  # fmt: skip
+                                       preprocess, jpeg_decoder=jpeg_decoder, cuda_graphs=cuda_graphs):  # fmt: skip
             result.add(forward)
             skipped = report(forward, bar, skipped)
     finally:
@@ -203,6 +206,7 @@ class JobOptions:
     attn_implementation: str | None = None
     workers: int | None = None
     preprocess: str = "auto"
+    jpeg_decoder: str = "auto"
     shard_size: int = DEFAULT_SHARD_SIZE
     overwrite: bool = False
     progress: bool = True
@@ -298,6 +302,11 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float, cl
         return fail(str(error))
     if not parts:
         return fail(f"no image files in {' '.join(options.inputs)}")
+    if options.preprocess != "cpu":  # before anything is written: a JPEG decoder that is not installed
+        try:
+            check_jpeg_decoder(options.jpeg_decoder)
+        except ValueError as error:
+            return fail(str(error))
 
     # What makes two runs the same job: a resumed run must be it, or the shards would mix two jobs' embeddings.
     job = {
@@ -305,6 +314,7 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float, cl
         "dtype": str(dtype).removeprefix("torch."), "max_tokens": options.max_tokens,
         "patch_features": options.patch_features, "preprocess": options.preprocess, "shard_size": options.shard_size,
         "attn_implementation": options.attn_implementation, "cuda_graphs": options.cuda_graphs,
+        "jpeg_decoder": options.jpeg_decoder,  # it changes the GPU path's pixels
     }  # fmt: skip
     lock = None
     if options.to_folder:
@@ -389,7 +399,7 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
     try:
         results = encoded_results(model, processor, PartsSource(todo), options.max_tokens, options.patch_features,
                                   workers, options.preprocess, group_of, clock, device,
-                                  cuda_graphs=options.cuda_graphs)  # fmt: skip
+                                  jpeg_decoder=options.jpeg_decoder, cuda_graphs=options.cuda_graphs)  # fmt: skip
         for result in results:
             first_forward = first_forward or result.launched_at
             skipped = report(result, bar, skipped, prefix)

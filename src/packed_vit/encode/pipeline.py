@@ -550,13 +550,15 @@ def encoded_results(
     clock: StageClock | None = None,
     device: torch.device | str | None = None,
     cuda_graphs: bool = False,
+    jpeg_decoder: str = "auto",
 ) -> Iterator[ForwardResult]:
     """The whole pipeline: samples -> results in input order (see the module docstring).
 
     `model`: the tower, or a function of no arguments that loads it onto `device`: called once the workers and the
     preprocessing thread run, so that the load overlaps the first images' reading and decoding. `clock`: gets the
     host seconds of each stage and the start-up marks. `cuda_graphs`: the forwards replay CUDA graphs
-    (`enable_cuda_graphs`, one graph per size bucket, the usual one captured in the warm-up) where they apply."""
+    (`enable_cuda_graphs`, one graph per size bucket, the usual one captured in the warm-up) where they apply.
+    `jpeg_decoder`: the GPU path's JPEG decoder (`jpeg_decoders`)."""
     clock = clock or StageClock()
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive number of patches, got {max_tokens}")
@@ -580,18 +582,23 @@ def encoded_results(
     # with one took 0.9 s on the H200 machine: RESULTS.md, encode job) and before any other thread of ours runs
     # CUDA work (a fork in the middle of another thread's CUDA calls would copy that state mid-flight).
     gpu = None
-    gpu_decode = preprocess == "gpu" or (preprocess == "auto" and device.type == "cuda" and has_gpu_preprocessing(processor))
-    if gpu_decode and device.type != "cuda":
-        from .gpu_preprocessing import GpuPreprocessing
+    if preprocess != "cpu":
+        from .jpeg_decoders import check_jpeg_decoder
 
-        GpuPreprocessing(processor, device)  # raises its "needs a CUDA device"
-    chunks = batches(gpu_decode)
+        check_jpeg_decoder(jpeg_decoder)  # an unknown or absent decoder is refused, not taken for "no GPU path"
+    gpu_decode = preprocess == "gpu" or (
+        preprocess == "auto" and device.type == "cuda" and has_gpu_preprocessing(processor)
+    )
     if gpu_decode:
         from .gpu_preprocessing import GpuPreprocessing
 
+        if device.type != "cuda":
+            GpuPreprocessing(processor, device)  # raises its "needs a CUDA device"
+    chunks = batches(gpu_decode)
+    if gpu_decode:
         try:
-            gpu = GpuPreprocessing(processor, device)
-        except ValueError:  # no torchvision, or no nvJPEG in it
+            gpu = GpuPreprocessing(processor, device, jpeg_decoder)
+        except ValueError:  # no torchvision, or no nvJPEG in it, or no hardware JPEG engines
             if preprocess == "gpu":
                 raise
             del chunks  # "auto": the CPU path after all; its workers are stopped
