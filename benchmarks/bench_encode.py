@@ -230,25 +230,29 @@ def forwards_alone(model, batches) -> dict:
     return {"images": images, "forwards": len(batches), "seconds": seconds, "images_per_s": images / seconds}
 
 
-def profile_pipeline(model, processor, paths, chunk: int) -> dict:
-    """Our pipeline in this process, GPU path, with its StageClock: where each thread's time went."""
+def profile_pipeline(model, processor, paths, variant: str) -> dict:
+    """Our pipeline in this process, GPU path, CUDA graphs, with its StageClock: where each thread's time went.
+    `variant`: "CHUNK" or "CHUNK:DECODER" (GPU_CHUNK, --jpeg-decoder)."""
     from packed_vit.encode import pipeline
     from packed_vit.encode.job import DEFAULT_MAX_TOKENS
 
+    chunk, _, decoder = variant.partition(":")
+    chunk, decoder = int(chunk), decoder or "nvjpeg"
     pipeline.GPU_CHUNK, default = chunk, pipeline.GPU_CHUNK
     clock = pipeline.StageClock()
     images, gpu_seconds, first = 0, 0.0, None
     try:
         source = pipeline.PairsSource([(str(p), str(p)) for p in paths])
         for result in pipeline.encoded_results(model, processor, source, DEFAULT_MAX_TOKENS, workers=USER_WORKERS,
-                                               preprocess="gpu", clock=clock, cuda_graphs=True):  # fmt: skip
+                                               preprocess="gpu", clock=clock, cuda_graphs=True,
+                                               jpeg_decoder=decoder):  # fmt: skip
             first = first or result.launched_at
             images += len(result.images)
             gpu_seconds += result.model_seconds
         seconds = time.time() - first
     finally:
         pipeline.GPU_CHUNK = default
-    return {"gpu_chunk": chunk, "images": images, "seconds_from_first_forward": seconds,
+    return {"gpu_chunk": chunk, "jpeg_decoder": decoder, "images": images, "seconds_from_first_forward": seconds,
             "images_per_s": images / seconds, "gpu_seconds_in_forwards": gpu_seconds,
             "forward_share_of_wall": gpu_seconds / seconds,
             "host_seconds_by_stage": dict(sorted(clock.seconds.items()))}  # fmt: skip
@@ -350,11 +354,31 @@ def preprocessing_check(paths, config_name: str, ours_processor) -> dict:
         pil = torch.from_numpy(np.array(PIL.Image.open(path).convert("RGB"))).permute(2, 0, 1).cuda()
         difference = (pil.int() - image.int()).abs()
         worst_pixel, pixel_means = max(worst_pixel, difference.max().item()), pixel_means + [difference.float().mean().item()]
+    hardware = hardware_vs_pil(paths)
     reference = "transformers_torchvision_cuda" if has_processor else "our_cpu_processor_same_pixels"
     return {"images": len(paths), f"max_abs_patch_difference_vs_{reference}": worst_patch,
             f"mean_abs_patch_difference_vs_{reference}": float(np.mean(patch_means)),
             "nvjpeg_vs_pil_max_pixel_difference": worst_pixel,
-            "nvjpeg_vs_pil_mean_pixel_difference": float(np.mean(pixel_means))}  # fmt: skip
+            "nvjpeg_vs_pil_mean_pixel_difference": float(np.mean(pixel_means)), **hardware}  # fmt: skip
+
+
+def hardware_vs_pil(paths) -> dict:
+    """The hardware engines' pixels (nvImageCodec, `--jpeg-decoder nvimgcodec`) vs PIL's, when the extra is there."""
+    from packed_vit.encode.jpeg_decoders import make_jpeg_decoder
+
+    try:
+        decoder = make_jpeg_decoder("nvimgcodec", torch.device("cuda"))
+    except ValueError as error:
+        return {"nvimgcodec": str(error)}
+    encoded = [torch.from_numpy(np.fromfile(path, dtype=np.uint8)) for path in paths]
+    worst, means = 0, []
+    for path, image in zip(paths, decoder.decode(encoded)):
+        if isinstance(image, Exception):
+            return {"nvimgcodec": f"{path.name}: {image}"}
+        pil = torch.from_numpy(np.array(PIL.Image.open(path).convert("RGB"))).permute(2, 0, 1).cuda()
+        difference = (pil.int() - image.int()).abs()
+        worst, means = max(worst, difference.max().item()), means + [difference.float().mean().item()]
+    return {"nvimgcodec_vs_pil_max_pixel_difference": worst, "nvimgcodec_vs_pil_mean_pixel_difference": float(np.mean(means))}
 
 
 def main() -> None:
@@ -368,7 +392,8 @@ def main() -> None:
     parser.add_argument("--checks-configs", default=",".join(CONFIGS),
                         help="configurations whose pixels and embeddings are checked against transformers")
     parser.add_argument("--profile", action="store_true", help="our pipeline's stage clock, in this process")
-    parser.add_argument("--profile-chunks", default="128,256", help="GPU_CHUNK values the profile runs with")
+    parser.add_argument("--profile-chunks", default="128,256",
+                        help="GPU_CHUNK values the profile runs with, each CHUNK or CHUNK:DECODER (--jpeg-decoder)")
     parser.add_argument("--startup-configs", default="siglip2_256,aimv2_224",
                         help="configurations whose transformers from_pretrained start-up is measured (one per tower)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results_encode.json")
@@ -409,8 +434,8 @@ def main() -> None:
         row["forwards_alone_cuda_graphs"] = forwards_alone(model.enable_cuda_graphs(), batches)
         print(f"[{name}] forwards alone, CUDA graphs: {row['forwards_alone_cuda_graphs']}", flush=True)
         if args.profile:
-            chunks = map(int, args.profile_chunks.split(","))
-            row["profile"] = [profile_pipeline(model, processor, paths, chunk) for chunk in chunks]
+            variants = args.profile_chunks.split(",")
+            row["profile"] = [profile_pipeline(model, processor, paths, variant) for variant in variants]
             print(f"[{name}] profile: {json.dumps(row['profile'], indent=1)}", flush=True)
         del model
         if CONFIGS[name][3]:
