@@ -231,28 +231,35 @@ def forwards_alone(model, batches) -> dict:
 
 
 def profile_pipeline(model, processor, paths, variant: str) -> dict:
-    """Our pipeline in this process, GPU path, CUDA graphs, with its StageClock: where each thread's time went.
-    `variant`: "CHUNK" or "CHUNK:DECODER" (GPU_CHUNK, --jpeg-decoder)."""
+    """Our pipeline in this process, GPU path, with its StageClock: where each thread's time went. `variant`:
+    "CHUNK[:DECODER[:SHARE[:eager]]]" (GPU_CHUNK, --jpeg-decoder, CPU_DECODE_SHARE, eager forwards; default: CUDA
+    graphs)."""
     from packed_vit.encode import pipeline
     from packed_vit.encode.job import DEFAULT_MAX_TOKENS
 
-    chunk, _, decoder = variant.partition(":")
+    chunk, decoder, share, eager = (variant.split(":") + ["", "", ""])[:4]
     chunk, decoder = int(chunk), decoder or "nvjpeg"
+    share = float(share) if share else pipeline.CPU_DECODE_SHARE
     pipeline.GPU_CHUNK, default = chunk, pipeline.GPU_CHUNK
+    pipeline.CPU_DECODE_SHARE, default_share = share, pipeline.CPU_DECODE_SHARE
+    graphs = eager != "eager"
+    if not graphs:
+        model.disable_cuda_graphs()
     clock = pipeline.StageClock()
     images, gpu_seconds, first = 0, 0.0, None
     try:
         source = pipeline.PairsSource([(str(p), str(p)) for p in paths])
         for result in pipeline.encoded_results(model, processor, source, DEFAULT_MAX_TOKENS, workers=USER_WORKERS,
-                                               preprocess="gpu", clock=clock, cuda_graphs=True,
+                                               preprocess="gpu", clock=clock, cuda_graphs=graphs,
                                                jpeg_decoder=decoder):  # fmt: skip
             first = first or result.launched_at
             images += len(result.images)
             gpu_seconds += result.model_seconds
         seconds = time.time() - first
     finally:
-        pipeline.GPU_CHUNK = default
-    return {"gpu_chunk": chunk, "jpeg_decoder": decoder, "images": images, "seconds_from_first_forward": seconds,
+        pipeline.GPU_CHUNK, pipeline.CPU_DECODE_SHARE = default, default_share
+    return {"gpu_chunk": chunk, "jpeg_decoder": decoder, "cpu_decode_share": share, "cuda_graphs": graphs,
+            "images": images, "seconds_from_first_forward": seconds,
             "images_per_s": images / seconds, "gpu_seconds_in_forwards": gpu_seconds,
             "forward_share_of_wall": gpu_seconds / seconds,
             "host_seconds_by_stage": dict(sorted(clock.seconds.items()))}  # fmt: skip
@@ -309,7 +316,15 @@ def reference_inputs(config_name: str, mode: str, path, ours_processor) -> dict:
     return {"pixel_values": unpatchify(patches, grid, fields["patch_size"])[None].cuda()}
 
 
-def parity(paths, checkpoint: Path, config_name: str, embeddings_by_mode: dict, ours_processor) -> dict:
+def decoded_by_workers(path, all_paths) -> bool:
+    """Whether the GPU path's workers decode this corpus image (PIL), as `ChunkDataset` deals the chunks."""
+    from packed_vit.encode import pipeline
+
+    dataset = pipeline.ChunkDataset(pipeline.PairsSource([]), None, gpu_decode=True)
+    return dataset.decoded_by_workers(all_paths.index(path) // pipeline.GPU_CHUNK)
+
+
+def parity(paths, checkpoint: Path, config_name: str, embeddings_by_mode: dict, ours_processor, all_paths) -> dict:
     """Per-image cosine of our bf16 pooled embeddings vs transformers' fp32 tower on its reference's pixels
     (`reference_inputs`); AIMv2 without a head: the mean of last_hidden_state, as ours."""
     model = transformers_model(checkpoint, config_name, torch.float32)
@@ -319,7 +334,9 @@ def parity(paths, checkpoint: Path, config_name: str, embeddings_by_mode: dict, 
         cosines = []
         for path in paths:
             with torch.no_grad():
-                out = model(**reference_inputs(config_name, mode, path, ours_processor))
+                # the GPU path's images its workers decoded have PIL's pixels: the "-hw" reference is theirs
+                pil = mode.startswith("gpu") and decoded_by_workers(path, all_paths)
+                out = model(**reference_inputs(config_name, mode + "-hw" * pil, path, ours_processor))
             ref = out.pooler_output[0] if out.pooler_output is not None else out.last_hidden_state[0].mean(0)
             ours = pooled[row_of[str(path)]].double()
             cosines.append(torch.nn.functional.cosine_similarity(ours, ref.double().cpu(), dim=0).item())
@@ -393,7 +410,7 @@ def main() -> None:
                         help="configurations whose pixels and embeddings are checked against transformers")
     parser.add_argument("--profile", action="store_true", help="our pipeline's stage clock, in this process")
     parser.add_argument("--profile-chunks", default="128,256",
-                        help="GPU_CHUNK values the profile runs with, each CHUNK or CHUNK:DECODER (--jpeg-decoder)")
+                        help="the profile's variants, each CHUNK[:DECODER[:SHARE[:eager]]] (profile_pipeline)")
     parser.add_argument("--startup-configs", default="siglip2_256,aimv2_224",
                         help="configurations whose transformers from_pretrained start-up is measured (one per tower)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results_encode.json")
@@ -444,9 +461,10 @@ def main() -> None:
         if name in args.startup_configs.split(","):
             row["transformers_startup"] = transformers_startup(checkpoint, name)
         if name in args.checks_configs.split(","):
-            row["preprocessing_check"] = preprocessing_check(paths[: args.parity_images], name, processor)
-            row["parity_bf16_vs_transformers_fp32"] = parity(paths[: args.parity_images], checkpoint, name,
-                                                             embeddings, processor)  # fmt: skip
+            spread = paths[:: max(1, len(paths) // args.parity_images)][: args.parity_images]  # over many chunks
+            row["preprocessing_check"] = preprocessing_check(spread, name, processor)
+            row["parity_bf16_vs_transformers_fp32"] = parity(spread, checkpoint, name,
+                                                             embeddings, processor, paths)  # fmt: skip
         print(f"[{name}] checks: {row.get('transformers_startup')} {row.get('preprocessing_check')} "
               f"{row.get('parity_bf16_vs_transformers_fp32')}", flush=True)  # fmt: skip
         alone = max(row["forwards_alone"]["images_per_s"], row["forwards_alone_cuda_graphs"]["images_per_s"])

@@ -180,12 +180,32 @@ def load_model(source: str, revision: str | None = None, device: str | torch.dev
 def load_processor(source: str, revision: str | None = None):
     """The packed image processor of a checkpoint from its files, without reading its weights (so the job can start
     decoding while they load); None for a pickle checkpoint, whose config needs its weights' names."""
+    return load_config_and_processor(source, revision)[1]
+
+
+def load_config_and_processor(source: str, revision: str | None = None):
+    """(the tower's config, its packed image processor) from the checkpoint's files, without reading its weights;
+    (None, None) for a pickle checkpoint, whose config needs its weights' names."""
     from ..hub_export import source_processor
     from ..modeling.checkpoint_loading import load_config
 
     tower = source_tower(source, revision)
     config = load_config(tower.model_class, source, revision)
-    return None if config is None else source_processor(tower, config, source, revision)
+    return (None, None) if config is None else (config, source_processor(tower, config, source, revision))
+
+
+def warm_up_kernels(model_class, config, device: torch.device, dtype: torch.dtype) -> None:
+    """In a thread while the weights load (CUDA): the first launches a fresh process pays that need no weights (the
+    fused norms' Triton kernels: `fused_norm.warm_up_fused_norms`). Only a head start: whatever fails here is left to
+    the pipeline's warm-up forward to raise."""
+    try:
+        from ..modeling.fused_norm import warm_up_fused_norms
+
+        with torch.device("meta"):
+            skeleton = model_class(config)
+        warm_up_fused_norms(skeleton, device, dtype)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,13 +378,20 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
     clock.mark("inputs listed")
 
     def load():  # called by the pipeline once its workers and preprocessing run: the load overlaps them
+        model_class = source_tower(options.model, options.revision).model_class
+        warming = threading.Thread(target=warm_up_kernels, args=(model_class, config, device, dtype), daemon=True)
+        if device.type == "cuda":
+            warming.start()
         try:
             return load_model(options.model, options.revision, device, dtype, options.attn_implementation)
         except (OSError, ValueError, TypeError) as error:  # weights missing or not matching the config
             raise ModelNotLoaded(error) from error
+        finally:
+            if warming.is_alive():
+                warming.join()
 
     try:  # the checkpoint's config and processor first: a wrong --model is refused before anything starts
-        processor = load_processor(options.model, options.revision)
+        config, processor = load_config_and_processor(options.model, options.revision)
         model = load
         if processor is None:  # a pickle checkpoint: its config comes with its weights
             model, processor = load_model_and_processor(options.model, options.revision, device, dtype,
