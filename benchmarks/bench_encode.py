@@ -170,8 +170,8 @@ def transformers_user(paths, checkpoint: Path, config_name: str) -> dict:
             "images": sum(len(o) for o in outputs), "seconds": seconds, "images_per_s": len(paths) / seconds}
 
 
-# A mode of the CLI run: "cpu" | "gpu", then options: "-eager" (--no-cuda-graphs), "-hw" (--jpeg-decoder nvimgcodec)
-MODE_OPTIONS = {"eager": ["--no-cuda-graphs"], "hw": ["--jpeg-decoder", "nvimgcodec"]}
+# A mode of the CLI run: "cpu" | "gpu", then options: "-graphs" (--cuda-graphs), "-hw" (--jpeg-decoder nvimgcodec)
+MODE_OPTIONS = {"graphs": ["--cuda-graphs"], "hw": ["--jpeg-decoder", "nvimgcodec"]}
 
 
 def run_cli(corpus: Path, checkpoint: Path, out: Path, mode: str) -> dict:
@@ -232,17 +232,13 @@ def forwards_alone(model, batches) -> dict:
 
 def profile_pipeline(model, processor, paths, variant: str) -> dict:
     """Our pipeline in this process, GPU path, with its StageClock: where each thread's time went. `variant`:
-    "CHUNK[:DECODER[:SHARE[:eager]]]" (GPU_CHUNK, --jpeg-decoder, CPU_DECODE_SHARE, eager forwards; default: CUDA
-    graphs)."""
+    "CHUNK[:DECODER[:graphs]]" (GPU_CHUNK, --jpeg-decoder, CUDA graphs for the forwards; default: eager)."""
     from packed_vit.encode import pipeline
     from packed_vit.encode.job import DEFAULT_MAX_TOKENS
 
-    chunk, decoder, share, eager = (variant.split(":") + ["", "", ""])[:4]
-    chunk, decoder = int(chunk), decoder or "nvjpeg"
-    share = float(share) if share else pipeline.CPU_DECODE_SHARE
+    chunk, decoder, graphs = (variant.split(":") + ["", ""])[:3]
+    chunk, decoder, graphs = int(chunk), decoder or "nvjpeg", graphs == "graphs"
     pipeline.GPU_CHUNK, default = chunk, pipeline.GPU_CHUNK
-    pipeline.CPU_DECODE_SHARE, default_share = share, pipeline.CPU_DECODE_SHARE
-    graphs = eager != "eager"
     if not graphs:
         model.disable_cuda_graphs()
     clock = pipeline.StageClock()
@@ -257,8 +253,8 @@ def profile_pipeline(model, processor, paths, variant: str) -> dict:
             gpu_seconds += result.model_seconds
         seconds = time.time() - first
     finally:
-        pipeline.GPU_CHUNK, pipeline.CPU_DECODE_SHARE = default, default_share
-    return {"gpu_chunk": chunk, "jpeg_decoder": decoder, "cpu_decode_share": share, "cuda_graphs": graphs,
+        pipeline.GPU_CHUNK = default
+    return {"gpu_chunk": chunk, "jpeg_decoder": decoder, "cuda_graphs": graphs,
             "images": images, "seconds_from_first_forward": seconds,
             "images_per_s": images / seconds, "gpu_seconds_in_forwards": gpu_seconds,
             "forward_share_of_wall": gpu_seconds / seconds,
@@ -316,15 +312,7 @@ def reference_inputs(config_name: str, mode: str, path, ours_processor) -> dict:
     return {"pixel_values": unpatchify(patches, grid, fields["patch_size"])[None].cuda()}
 
 
-def decoded_by_workers(path, all_paths) -> bool:
-    """Whether the GPU path's workers decode this corpus image (PIL), as `ChunkDataset` deals the chunks."""
-    from packed_vit.encode import pipeline
-
-    dataset = pipeline.ChunkDataset(pipeline.PairsSource([]), None, gpu_decode=True)
-    return dataset.decoded_by_workers(all_paths.index(path) // pipeline.GPU_CHUNK)
-
-
-def parity(paths, checkpoint: Path, config_name: str, embeddings_by_mode: dict, ours_processor, all_paths) -> dict:
+def parity(paths, checkpoint: Path, config_name: str, embeddings_by_mode: dict, ours_processor) -> dict:
     """Per-image cosine of our bf16 pooled embeddings vs transformers' fp32 tower on its reference's pixels
     (`reference_inputs`); AIMv2 without a head: the mean of last_hidden_state, as ours."""
     model = transformers_model(checkpoint, config_name, torch.float32)
@@ -334,9 +322,7 @@ def parity(paths, checkpoint: Path, config_name: str, embeddings_by_mode: dict, 
         cosines = []
         for path in paths:
             with torch.no_grad():
-                # the GPU path's images its workers decoded have PIL's pixels: the "-hw" reference is theirs
-                pil = mode.startswith("gpu") and decoded_by_workers(path, all_paths)
-                out = model(**reference_inputs(config_name, mode + "-hw" * pil, path, ours_processor))
+                out = model(**reference_inputs(config_name, mode, path, ours_processor))
             ref = out.pooler_output[0] if out.pooler_output is not None else out.last_hidden_state[0].mean(0)
             ours = pooled[row_of[str(path)]].double()
             cosines.append(torch.nn.functional.cosine_similarity(ours, ref.double().cpu(), dim=0).item())
@@ -410,9 +396,10 @@ def main() -> None:
                         help="configurations whose pixels and embeddings are checked against transformers")
     parser.add_argument("--profile", action="store_true", help="our pipeline's stage clock, in this process")
     parser.add_argument("--profile-chunks", default="128,256",
-                        help="the profile's variants, each CHUNK[:DECODER[:SHARE[:eager]]] (profile_pipeline)")
+                        help="the profile's variants, each CHUNK[:DECODER[:graphs]] (profile_pipeline)")
     parser.add_argument("--startup-configs", default="siglip2_256,aimv2_224",
                         help="configurations whose transformers from_pretrained start-up is measured (one per tower)")
+    parser.add_argument("--cli-only", action="store_true", help="only the CLI runs (no alone, user, profile, checks)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results_encode.json")
     args = parser.parse_args()
 
@@ -444,6 +431,10 @@ def main() -> None:
             loaded = load_embeddings(out)
             embeddings[mode] = (loaded.names, loaded.tensors()["pooled"])
             print(f"[{name}] cli {mode}: {row['cli'][mode]['printed']}", flush=True)
+        if args.cli_only:
+            results["configs"][name] = row
+            args.out.write_text(json.dumps(results, indent=1))
+            continue
         model, processor = load_model_and_processor(str(checkpoint), device="cuda", dtype=torch.bfloat16)
         batches = packed_batches(paths, processor)
         row["forwards_alone"] = forwards_alone(model, batches)
@@ -464,7 +455,7 @@ def main() -> None:
             spread = paths[:: max(1, len(paths) // args.parity_images)][: args.parity_images]  # over many chunks
             row["preprocessing_check"] = preprocessing_check(spread, name, processor)
             row["parity_bf16_vs_transformers_fp32"] = parity(spread, checkpoint, name,
-                                                             embeddings, processor, paths)  # fmt: skip
+                                                             embeddings, processor)  # fmt: skip
         print(f"[{name}] checks: {row.get('transformers_startup')} {row.get('preprocessing_check')} "
               f"{row.get('parity_bf16_vs_transformers_fp32')}", flush=True)  # fmt: skip
         alone = max(row["forwards_alone"]["images_per_s"], row["forwards_alone_cuda_graphs"]["images_per_s"])
@@ -475,6 +466,8 @@ def main() -> None:
         row["forwards_alone_over_transformers_user"] = alone / user if user else None  # the faster of the two alone
         results["configs"][name] = row
         args.out.write_text(json.dumps(results, indent=1))
+    if args.cli_only:
+        return
     print(f"\n{'config':>12} {'mode':>4} {'img/s':>7} {'alone':>6} {'/alone':>6} {'user':>5} {'/user':>5} "
           f"{'alone/user':>10} {'start s':>7} {'tf load s':>9}")  # fmt: skip
     for name, row in results["configs"].items():

@@ -139,23 +139,16 @@ def test_cuda_graph_forwards_give_the_eager_embeddings_and_the_same_bits_for_eve
     assert cosine.min() >= 0.999, cosine  # bf16: the graphs pad each forward to its bucket (other matmul shapes)
 
 
-@pytest.mark.parametrize("share", [0.0, 1.0])  # decoded on the GPU / by the workers (PIL)
-def test_a_chunk_is_normalized_at_once_to_the_same_bits_as_each_image(tmp_path, monkeypatch, share):
-    from packed_vit.encode import pipeline
+def test_a_chunk_is_normalized_at_once_to_the_same_bits_as_each_image(tmp_path):
     from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource
 
-    monkeypatch.setattr(pipeline, "CPU_DECODE_SHARE", share)
     processor = Siglip2PackingImageProcessor(max_num_patches=256)
     ours = GpuPreprocessing(processor, torch.device("cuda"))
     paths = jpegs(tmp_path, 9)
     dataset = ChunkDataset(PairsSource([(str(p), str(p)) for p in paths]), CpuPreparation(processor), True)
     (chunk,) = list(dataset)
     ours.prepare_chunk(chunk)
-    if share:
-        assert {entry.kind for entry in chunk.entries} == {"decoded"}
-        decoded = [torch.from_numpy(np.array(PIL.Image.open(p).convert("RGB"))).permute(2, 0, 1).cuda() for p in paths]
-    else:
-        decoded = ours.decoder.decode([torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in paths])
+    decoded = ours.decoder.decode([torch.from_numpy(np.fromfile(p, dtype=np.uint8)) for p in paths])
     for entry, image in zip(chunk.entries, decoded):
         patches, grid = ours.patches(image)
         assert entry.grid == grid and torch.equal(entry.pixels, patches), entry.name

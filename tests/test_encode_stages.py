@@ -102,30 +102,3 @@ def test_gpu_path_workers_hand_over_the_file_bytes_and_each_images_resize_target
         assert entry.resize_to == rule.target_size(*entry.size)
         assert chunk.encoded[entry.rows].numpy().tobytes() == path.read_bytes()
     assert chunk.entries[-1].kind == "skip" and "UnidentifiedImageError" in chunk.entries[-1].why
-
-
-def test_gpu_path_workers_decode_their_share_of_the_chunks_by_place_with_pils_pixels(tmp_path, monkeypatch):
-    from packed_vit.encode import pipeline
-
-    monkeypatch.setattr(pipeline, "GPU_CHUNK", 2)
-    monkeypatch.setattr(pipeline, "CPU_DECODE_SHARE", 0.5)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(7):
-        paths.append(tmp_path / f"{i}.jpg")
-        PIL.Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(paths[-1])
-    processor = Siglip2PackingImageProcessor(max_num_patches=64)
-    chunks = list(ChunkDataset(PairsSource([(str(p), str(p)) for p in paths]), CpuPreparation(processor), True))
-    assert [[entry.kind for entry in chunk.entries] for chunk in chunks] == \
-        [["jpeg"] * 2, ["decoded"] * 2, ["jpeg"] * 2, ["decoded"]]  # fmt: skip
-    for chunk in chunks[1::2]:
-        for entry in chunk.entries:
-            pil = np.array(PIL.Image.open(entry.name).convert("RGB")).transpose(2, 0, 1)
-            assert np.array_equal(chunk.decoded[entry.rows.start].numpy(), pil)
-            assert entry.size == pil.shape[1:] and entry.resize_to == TorchPreprocessing(processor).target_size(*pil.shape[1:])
-    dataset = ChunkDataset(PairsSource([]), CpuPreparation(processor), True)
-    for share, expected in [(0.0, 0), (1.0, 12), (1 / 3, 4), (0.25, 3)]:  # of 12 chunks, spread evenly
-        dataset.cpu_decode_share = share
-        decided = [dataset.decoded_by_workers(n) for n in range(12)]
-        assert sum(decided) == expected and (share != 0.25 or decided == [False, False, False, True] * 3)
-    assert not ChunkDataset(PairsSource([]), CpuPreparation(processor), False).decoded_by_workers(1)  # CPU path

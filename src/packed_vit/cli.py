@@ -3,7 +3,7 @@
     packed-vit encode INPUTS... --model PATH_OR_REPO [--out FILE.safetensors | DIR] [--shard-size N] [--overwrite]
                       [--workers K] [--preprocess auto|cpu|gpu] [--jpeg-decoder auto|nvjpeg|nvimgcodec]
                       [--device D] [--dtype T] [--max-tokens N]
-                      [--patch-features] [--revision R] [--attn-implementation A] [--strict] [--no-cuda-graphs]
+                      [--patch-features] [--revision R] [--attn-implementation A] [--strict] [--cuda-graphs]
                       [--profile]
     torchrun --nproc_per_node N -m packed_vit encode ... --out DIR
     packed-vit check --model PATH_OR_REPO [--revision R] [--images FILES_OR_DIRS...] [--device D] [--dtype T]
@@ -97,10 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also write every patch's features (`patch_features` [N, D]) with `grid_thw`")  # fmt: skip
     encode.add_argument("--attn-implementation", help="attention backend (default: the fastest available)")
     encode.add_argument("--no-progress", action="store_true", help="no progress bar")
-    encode.add_argument("--no-cuda-graphs", action="store_true",
-                        help="run the forwards eagerly; by default on CUDA they replay CUDA graphs (one per size "
-                             "bucket, captured at the start), which spares the host ~30 ms of kernel launches per "
-                             "forward: docs/encode-performance.md")  # fmt: skip
+    encode.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the forwards from CUDA graphs (one per size bucket, the usual one captured at the "
+                             "start): the host then launches ~30 ms less per forward, but with the GPU path the JPEG "
+                             "decoder gets less of the GPU; measured slower on the H200 at 256 patches (1650 vs 1770 "
+                             "images/s), hence off: docs/encode-performance.md")  # fmt: skip
     encode.add_argument("--profile", action="store_true",
                         help="print the start-up steps and each pipeline stage's host seconds at the end")
     encode.add_argument("--strict", action="store_true",
@@ -149,7 +150,7 @@ def run_encode(args: argparse.Namespace, started: float | None = None) -> int:
         dtype=args.dtype, max_tokens=args.max_tokens, patch_features=args.patch_features,
         attn_implementation=args.attn_implementation, workers=args.workers, preprocess=args.preprocess,
         shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress, strict=args.strict,
-        jpeg_decoder=args.jpeg_decoder, cuda_graphs=not args.no_cuda_graphs, profile=args.profile,
+        jpeg_decoder=args.jpeg_decoder, cuda_graphs=args.cuda_graphs, profile=args.profile,
     ), started)  # fmt: skip
 
 

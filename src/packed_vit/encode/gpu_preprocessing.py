@@ -36,10 +36,9 @@ INTERPOLATE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how the stored pixels are to be rotated / mirrored
 
 
-def read_for_gpu(source, decode_here: bool = False) -> tuple[str, tuple[int, int], np.ndarray]:
-    """In a worker: ("jpeg", (h, w), file bytes) for a JPEG the GPU can decode, else ("decoded", (h, w), [3, H, W]
-    uint8 RGB decoded by PIL (alpha on white, as the processors convert)); `decode_here`: every file by PIL (the
-    workers' share of the decoding, `pipeline.CPU_DECODE_SHARE`). Raises what PIL raises on a bad file."""
+def read_for_gpu(source) -> tuple[str, tuple[int, int], np.ndarray]:
+    """In a worker: ("jpeg", (h, w), file bytes) for a JPEG nvJPEG can decode, else ("decoded", (h, w), [3, H, W]
+    uint8 RGB decoded by PIL (alpha on white, as the processors convert)). Raises what PIL raises on a bad file."""
     from ..processing.image_processing_packing import _pil_to_rgb
 
     if isinstance(source, Sample):
@@ -51,8 +50,7 @@ def read_for_gpu(source, decode_here: bool = False) -> tuple[str, tuple[int, int
         return "decoded", rgb.shape[:2], np.ascontiguousarray(rgb.transpose(2, 0, 1))
     with PIL.Image.open(io.BytesIO(data)) as image:
         upright = image.getexif().get(EXIF_ORIENTATION, 1) == 1  # nvJPEG decodes as stored, ignoring the EXIF
-        on_gpu = upright and image.format in GPU_DECODED_FORMATS and image.mode in GPU_DECODED_MODES
-        if on_gpu and not decode_here:
+        if upright and image.format in GPU_DECODED_FORMATS and image.mode in GPU_DECODED_MODES:
             return "jpeg", (image.height, image.width), np.frombuffer(data, dtype=np.uint8)
     rgb = _pil_to_rgb(read_image(data))  # upright, as the CPU path and transformers' load_image read it
     return "decoded", rgb.shape[:2], np.ascontiguousarray(rgb.transpose(2, 0, 1))

@@ -127,8 +127,8 @@ def encode_images(
     `images`: image paths or images the processor takes. `total`: the number of images, for the progress bar.
     `workers`: decoding processes (0: this one). `preprocess`: "cpu" (PIL, the processor), "gpu" (CUDA) or "auto".
     `jpeg_decoder`: the GPU path's JPEG decoder, "auto", "nvjpeg" or "nvimgcodec" (`jpeg_decoders`).
-    `cuda_graphs`: on CUDA, enable the model's CUDA graphs (`model.enable_cuda_graphs`) for the job's forwards, as
-    `packed-vit encode` does by default.
+    `cuda_graphs`: on CUDA, enable the model's CUDA graphs (`model.enable_cuda_graphs`) for the job's forwards
+    (`packed-vit encode --cuda-graphs`).
     """
     pairs = list(images)
     result = Embeddings()
@@ -231,7 +231,7 @@ class JobOptions:
     overwrite: bool = False
     progress: bool = True
     strict: bool = False
-    cuda_graphs: bool = True  # the forwards replay CUDA graphs where they apply (CUDA, varlen_attn)
+    cuda_graphs: bool = False  # the forwards replay CUDA graphs where they apply (CUDA, varlen_attn)
     profile: bool = False  # print the start-up steps and each stage's host seconds
 
     @property

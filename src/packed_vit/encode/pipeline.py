@@ -59,11 +59,6 @@ CHUNK = 16  # samples per worker task: large enough to amortise IPC, small enoug
 # their rate alone with 128 and 0.94-0.95 with 256; in the job's profile 128 vs 256 was within the run-to-run spread
 # (Siglip2 1948 vs 1921 images/s, AIMv2-224 1806 vs 1992: RESULTS.md, encode job).
 GPU_CHUNK = 128
-# The GPU path's workers decode this share of its chunks themselves (PIL), the GPU the rest: next to forwards that
-# fill the GPU, one GPU JPEG decoder does 1850-2200 images/s (nvJPEG and the hardware engines alike), fewer than the
-# forwards take at 256 patches (2250-2900), while the workers, which only read files, are idle (RESULTS.md, encode
-# job). The chunks are dealt by their place in the input, so every worker count decodes each image the same way.
-CPU_DECODE_SHARE = 0.5
 PREFETCH_CHUNKS = 3  # chunks preprocessed ahead of the forwards, on CUDA (`in_background`): >= 4 forwards at 256
 PIPELINE_DEPTH = 2  # forwards queued on the device before the host waits for the oldest one's results
 # Budgets up to this many patches replay CUDA graphs (`cuda_graphs=True`): the graphs' memory is about one forward's
@@ -231,7 +226,6 @@ class ChunkDataset(torch.utils.data.IterableDataset):
     def __init__(self, samples: SampleSource, prepare: Callable[[Entry, Any], Any], gpu_decode: bool):
         self.samples, self.prepare, self.gpu_decode = samples, prepare, gpu_decode
         self.chunk_size = GPU_CHUNK if gpu_decode else CHUNK
-        self.cpu_decode_share = CPU_DECODE_SHARE if gpu_decode else 0.0
         self.rule = None  # the GPU path's resize rule, made in the worker: its host work stays off the main process
 
     def __iter__(self) -> Iterator[Chunk]:
@@ -247,19 +241,13 @@ class ChunkDataset(torch.utils.data.IterableDataset):
             if item is None:
                 continue
             pending.append((tag, item))
-            number = index // size  # the chunk's place in the input
             if len(pending) == size or (index + 1) % size == 0:  # a chunk ends at a multiple of its size
-                yield self.chunk(pending, self.decoded_by_workers(number))
+                yield self.chunk(pending)
                 pending = []
         if pending:
-            yield self.chunk(pending, self.decoded_by_workers(number))
+            yield self.chunk(pending)
 
-    def decoded_by_workers(self, chunk_number: int) -> bool:
-        """Whether the workers decode the chunk's JPEGs (GPU path): `cpu_decode_share` of the chunks, spread evenly."""
-        share = self.cpu_decode_share
-        return int((chunk_number + 1) * share) > int(chunk_number * share)
-
-    def chunk(self, items: list[tuple[Any, Any]], decode_here: bool = False) -> Chunk:
+    def chunk(self, items: list[tuple[Any, Any]]) -> Chunk:
         entries, uint8_rows, float_rows, encoded, decoded = [], [], [], [], []
         for tag, item in items:
             name, source = (item.name, item) if isinstance(item, Sample) else item
@@ -268,7 +256,7 @@ class ChunkDataset(torch.utils.data.IterableDataset):
                 if self.gpu_decode:
                     from .gpu_preprocessing import TorchPreprocessing, read_for_gpu
 
-                    kind, size, data = read_for_gpu(source, decode_here)
+                    kind, size, data = read_for_gpu(source)
                     entry.kind, entry.size = kind, size
                     self.rule = self.rule or TorchPreprocessing(self.prepare.processor)
                     entry.resize_to = self.rule.target_size(*size)
