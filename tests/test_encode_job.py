@@ -193,11 +193,27 @@ def test_another_job_in_the_folder_is_refused_unless_overwrite(checkpoint, photo
     assert encode(str(photos / "00.jpg"), "--model", str(checkpoint), "--out", str(out), "--patch-features") == 2
     assert encode(str(photos / "01.png"), "--model", str(checkpoint), "--out", str(out), "--overwrite") == 0
     assert load_embeddings(out).names == [str(photos / "01.png")]
+    capsys.readouterr()
+    assert encode(str(photos / "01.png"), "--model", str(checkpoint), "--out", str(out), "--cuda-graphs") == 2
+    assert "differs in: cuda_graphs" in capsys.readouterr().err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.md").write_text("mine")
     assert encode(str(photos / "00.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "other")) == 2
     assert "is not an encode output folder" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.md"]  # refused before any lock file
+
+
+def test_a_folder_written_before_the_newer_job_options_resumes(checkpoint, photos, tmp_path):
+    """Options added since version 1 of the manifest (--jpeg-decoder, --cuda-graphs) are in its job only when not at
+    their defaults: a folder an older release left half done resumes with the defaults."""
+    out = tmp_path / "out"
+    images = [str(photos / "00.jpg"), str(photos / "01.png")]
+    assert encode(*images, "--model", str(checkpoint), "--out", str(out), "--shard-size", "1") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not {"jpeg_decoder", "cuda_graphs"} & set(manifest["job"])
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert encode(*images, "--model", str(checkpoint), "--out", str(out), "--shard-size", "1") == 0
 
 
 def command(*arguments: str) -> list[str]:

@@ -333,9 +333,13 @@ def _run_job(options: JobOptions, rank: int, world_size: int, started: float, cl
         "model": options.model, "revision": options.revision, "inputs": list(options.inputs),
         "dtype": str(dtype).removeprefix("torch."), "max_tokens": options.max_tokens,
         "patch_features": options.patch_features, "preprocess": options.preprocess, "shard_size": options.shard_size,
-        "attn_implementation": options.attn_implementation, "cuda_graphs": options.cuda_graphs,
-        "jpeg_decoder": options.jpeg_decoder,  # it changes the GPU path's pixels
+        "attn_implementation": options.attn_implementation,
     }  # fmt: skip
+    # Options added since: in the job only when not at their default, so that older folders still resume.
+    if options.jpeg_decoder != "auto":
+        job["jpeg_decoder"] = options.jpeg_decoder  # it changes the GPU path's pixels
+    if options.cuda_graphs:
+        job["cuda_graphs"] = True  # padded forwards: other matmul shapes, other roundings
     lock = None
     if options.to_folder:
         error = None
