@@ -29,7 +29,7 @@ The preprocessing thread records a CUDA event after each chunk; a forward waits 
 chunks only (not for the whole preprocessing stream, which by then holds the next chunks' work too). nvJPEG's batch
 decode returns only once its batch is decoded, so it must not run in the thread that queues the forwards, and
 PREFETCH_CHUNKS chunks stay ready ahead so the forwards never wait for a decode. The preprocessing stream has the
-highest priority: its kernels are small and a forward replayed from a graph fills the GPU.
+highest priority: its kernels are few and small.
 `StageClock` adds up each stage's host seconds and marks the start-up steps (`packed-vit encode --profile`).
 """
 
@@ -578,9 +578,9 @@ def encoded_results(
             persistent_workers=False,
         ))  # fmt: skip
 
-    # The workers are forked first: before this process makes its CUDA context (forking 14 workers of a process
-    # with one took 0.9 s on the H200 machine: RESULTS.md, encode job) and before any other thread of ours runs
-    # CUDA work (a fork in the middle of another thread's CUDA calls would copy that state mid-flight).
+    # The workers are forked first: before this process makes its CUDA context (a fork copies the process's memory
+    # mappings, which a CUDA context adds many of) and before any other thread of ours runs CUDA work (a fork in the
+    # middle of another thread's CUDA calls would copy that state mid-flight).
     gpu = None
     if preprocess != "cpu":
         from .jpeg_decoders import check_jpeg_decoder
@@ -607,8 +607,8 @@ def encoded_results(
     chunks = chunks_on_device(chunks, device, prepare.options, gpu, clock)
     streams = None
     if device.type == "cuda":
-        # The preprocessing's kernels at the highest priority: they are few and small, and a forward replayed from a
-        # CUDA graph fills the GPU; at the default priority they wait behind its kernels.
+        # The preprocessing's kernels at the highest priority: they are few and small, and the forwards' kernels
+        # could otherwise keep them waiting (not measured on its own: RESULTS.md, encode job, session 8).
         streams = Streams(torch.cuda.Stream(device, priority=-100), torch.cuda.Stream(device))
         chunks = in_background(chunks, PREFETCH_CHUNKS, streams.preprocessing, clock)  # decoding starts now
     if callable(model) and not isinstance(model, torch.nn.Module):
