@@ -327,3 +327,21 @@ def test_in_background_keeps_order_raises_the_producers_error_and_stops_when_clo
     stream.close()  # the thread stops: no thread left behind, and it made at most `depth` + 2 items more
     assert not any(t.name == "packed-vit preprocessing" for t in threading.enumerate())
     assert len(produced) <= 5 + 2 + 2
+
+
+@pytest.mark.parametrize("checkpoint_format", ["pickle_bin", "sharded"])
+def test_the_job_loads_pickle_and_sharded_checkpoints(checkpoint_format, photos, tmp_path):
+    """A pickle checkpoint's config needs its weights (loaded before the workers start); a sharded one's tensor
+    names come from its index (loaded while they run): both give the embeddings of the one-file checkpoint (to fp32
+    rounding: the same weights, read into other memory)."""
+    images = [str(photos / "00.jpg"), str(photos / "01.png")]
+    reference_folder, folder = tmp_path / "one_file", tmp_path / checkpoint_format
+    pair = siglip2_pair()
+    formats.vision_model(*pair, reference_folder)
+    getattr(formats, checkpoint_format)(*pair, folder)
+    for checkpoint_folder in (reference_folder, folder):
+        out = tmp_path / f"{checkpoint_folder.name}.safetensors"
+        assert encode(*images, "--model", str(checkpoint_folder), "--out", str(out)) == 0
+    expected = load_embeddings(tmp_path / "one_file.safetensors").tensors()["pooled"]
+    pooled = load_embeddings(tmp_path / f"{checkpoint_format}.safetensors").tensors()["pooled"]
+    assert torch.allclose(pooled, expected, rtol=1e-5, atol=1e-5)

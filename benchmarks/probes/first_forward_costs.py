@@ -12,7 +12,7 @@ STEPS = r"""
 import sys, time
 t0 = time.perf_counter()
 import torch
-from packed_vit.encode.job import load_model, load_processor
+from packed_vit.encode.job import load_config_and_processor, load_model
 from packed_vit.encode.pipeline import warm_up_grids
 from packed_vit.modeling.fused_norm import fused_add_norm
 from packed_vit.modeling.packing import Segments
@@ -26,7 +26,7 @@ def step(name, fn):
     torch.cuda.synchronize()
     times[name] = time.perf_counter() - start
 
-processor = load_processor(checkpoint)
+_, processor = load_config_and_processor(checkpoint)
 step("cuda context", lambda: torch.zeros(1, device="cuda"))
 if prewarm:
     x = torch.randn(16384, 1152, device="cuda", dtype=torch.bfloat16)

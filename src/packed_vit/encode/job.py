@@ -157,11 +157,13 @@ def load_model_and_processor(
     in eval mode on `device` in `dtype`, its packed image processor with the checkpoint's settings)."""
     from ..hub_export import source_processor
 
-    model = load_model(source, revision, device, dtype, attn_implementation)
-    return model, source_processor(source_tower(source, revision), model.config, source, revision)
+    tower = source_tower(source, revision)
+    model = load_model(source, revision, device, dtype, attn_implementation, tower)
+    return model, source_processor(tower, model.config, source, revision)
 
 
 def source_tower(source: str, revision: str | None = None):
+    """The tower (hub_export.Tower: model and processor classes) of a checkpoint, by its config.json."""
     from ..hub_export import read_source_config, tower_for_model_type
 
     config, _ = read_source_config(source, revision)
@@ -169,27 +171,23 @@ def source_tower(source: str, revision: str | None = None):
 
 
 def load_model(source: str, revision: str | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):  # fmt: skip
-    """The packed tower of any checkpoint the towers load, in eval mode on `device` in `dtype`."""
-    model = source_tower(source, revision).model_class.from_pretrained(
+               dtype: torch.dtype = torch.float32, attn_implementation: str | None = None, tower=None):  # fmt: skip
+    """The packed tower of any checkpoint the towers load, in eval mode on `device` in `dtype`. `tower`:
+    `source_tower(source, revision)`, if already known."""
+    model = (tower or source_tower(source, revision)).model_class.from_pretrained(
         source, revision=revision, dtype=dtype, device_map=str(device), attn_implementation=attn_implementation
     )
     return model.eval()
 
 
-def load_processor(source: str, revision: str | None = None):
-    """The packed image processor of a checkpoint from its files, without reading its weights (so the job can start
-    decoding while they load); None for a pickle checkpoint, whose config needs its weights' names."""
-    return load_config_and_processor(source, revision)[1]
-
-
-def load_config_and_processor(source: str, revision: str | None = None):
-    """(the tower's config, its packed image processor) from the checkpoint's files, without reading its weights;
-    (None, None) for a pickle checkpoint, whose config needs its weights' names."""
+def load_config_and_processor(source: str, revision: str | None = None, tower=None):
+    """(the tower's config, its packed image processor) from the checkpoint's files, without reading its weights (so
+    the job can start decoding while they load); (None, None) for a pickle checkpoint, whose config needs its weights'
+    names. `tower`: `source_tower(source, revision)`, if already known."""
     from ..hub_export import source_processor
     from ..modeling.checkpoint_loading import load_config
 
-    tower = source_tower(source, revision)
+    tower = tower or source_tower(source, revision)
     config = load_config(tower.model_class, source, revision)
     return (None, None) if config is None else (config, source_processor(tower, config, source, revision))
 
@@ -382,12 +380,12 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
     clock.mark("inputs listed")
 
     def load():  # called by the pipeline once its workers and preprocessing run: the load overlaps them
-        model_class = source_tower(options.model, options.revision).model_class
-        warming = threading.Thread(target=warm_up_kernels, args=(model_class, config, device, dtype), daemon=True)
+        warming = threading.Thread(target=warm_up_kernels, args=(tower.model_class, config, device, dtype),
+                                   daemon=True)  # fmt: skip
         if device.type == "cuda":
             warming.start()
         try:
-            return load_model(options.model, options.revision, device, dtype, options.attn_implementation)
+            return load_model(options.model, options.revision, device, dtype, options.attn_implementation, tower)
         except (OSError, ValueError, TypeError) as error:  # weights missing or not matching the config
             raise ModelNotLoaded(error) from error
         finally:
@@ -395,7 +393,8 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
                 warming.join()
 
     try:  # the checkpoint's config and processor first: a wrong --model is refused before anything starts
-        config, processor = load_config_and_processor(options.model, options.revision)
+        tower = source_tower(options.model, options.revision)
+        config, processor = load_config_and_processor(options.model, options.revision, tower)
         model = load
         if processor is None:  # a pickle checkpoint: its config comes with its weights
             model, processor = load_model_and_processor(options.model, options.revision, device, dtype,
