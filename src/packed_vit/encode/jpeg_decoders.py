@@ -27,9 +27,10 @@ import PIL.Image
 import torch
 
 JPEG_DECODERS = ("auto", "nvjpeg", "nvimgcodec")
-# What `auto` takes. nvJPEG until the two are measured against each other inside the job on the GPU machine
-# (issue 23: the lead sets this by that measurement, stated in benchmarks/RESULTS.md). Whatever it is, `auto` falls
-# back to nvJPEG where nvImageCodec is not installed or the GPU has no hardware JPEG engines.
+# What `auto` takes: nvJPEG, measured faster inside the job on the H200 in every pair (Siglip2 256 patches: 1769 vs
+# 1433 images/s eager, 1652 vs 1283 with CUDA graphs; AIMv2-224: 2224 vs 1762, 1950 vs 1454; benchmarks/RESULTS.md,
+# encode job, session 8). Were it nvimgcodec, `auto` would fall back to nvJPEG where nvImageCodec is not installed or
+# the GPU has no hardware JPEG engines.
 AUTO_JPEG_DECODER = "nvjpeg"
 INSTALL_NVIMGCODEC = (
     'pip install "packed-vit[nvimgcodec]" (NVIDIA\'s nvidia-nvimgcodec-cu13[nvjpeg] for CUDA 13; '
