@@ -160,6 +160,13 @@ def _grouped_attention(query, key, value, query_segments, key_segments, scale, b
     return packed_out
 
 
+def _records_no_autograd(*tensors: torch.Tensor) -> bool:
+    """Inference outside torch.compile (which traces `varlen_attn`'s custom op, not the bare kernel)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
 def varlen_attention(
     query: torch.Tensor,  # [Tq, H, D]
     key: torch.Tensor,  # [Tk, H, D]
@@ -173,6 +180,16 @@ def varlen_attention(
     if query.shape[0] == 0 or key_segments.num_segments == 0:
         return query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
     if backend == "varlen_attn":
+        if _records_no_autograd(query, key, value):
+            # The kernel `varlen_attn` runs, called as it calls it: its custom-op wrapper costs the host about 150 us
+            # per call (a so400m forward makes 27; the encode job's forwards are bound by the host: RESULTS.md), and
+            # it launches a zeros kernel for an RNG state that inference never reads. Same kernel, same bits.
+            return torch.ops.aten._flash_attention_forward(
+                query, key, value,
+                query_segments.cu_seqlens, key_segments.cu_seqlens,
+                query_segments.max_seqlen, key_segments.max_seqlen,
+                0.0, False, False, scale=scale,  # dropout_p, is_causal, return_debug_mask
+            )[0]  # fmt: skip
         # torch 2.10 has no `scale=`: the 7 positional args run on 2.10 and 2.11+; the default scale is ours.
         if not math.isclose(scale, query.shape[-1] ** -0.5):
             query = query * (scale * query.shape[-1] ** 0.5)

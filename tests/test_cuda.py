@@ -331,3 +331,24 @@ def test_cuda_graph_replay_does_not_sync_and_recaptures_for_new_modules():
         eager = model(x, grid_thw)
     assert graphs.replays == 3
     assert min(per_frame_cosines(replayed.last_hidden_state, eager.last_hidden_state, grid_thw)) >= MIN_COSINE
+
+
+@needs_varlen
+@pytest.mark.parametrize("scale", [None, 0.05], ids=["default_scale", "other_scale"])
+def test_varlen_attn_inference_calls_the_kernel_of_the_custom_op_bit_for_bit(scale):
+    """Inference calls `varlen_attn`'s flash kernel directly (its custom-op wrapper costs the host ~150 us a call):
+    the same bits as the wrapper, which training still goes through (its autograd formula)."""
+    torch.manual_seed(0)
+    segments = Segments(torch.tensor([1, 37, 256, 90, 1024]), torch.device("cuda"))
+    q, k, v = (torch.randn(segments.num_tokens, 16, 72, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = 72**-0.5 if scale is None else scale
+    with torch.no_grad():
+        direct = varlen_attention(q, k, v, segments, segments, scale, "varlen_attn")
+    trained = [t.clone().requires_grad_() for t in (q, k, v)]
+    through_wrapper = varlen_attention(*trained, segments, segments, scale, "varlen_attn")
+    through_wrapper.sum().backward()  # the wrapper's path: it records autograd
+    assert trained[0].grad is not None
+    if scale == 72**-0.5:  # the wrapper takes no scale on torch 2.10: other scales are applied to the query first
+        assert torch.equal(direct, through_wrapper.detach())
+    else:
+        assert (direct.float() - through_wrapper.detach().float()).abs().max() < 2e-2
