@@ -139,10 +139,12 @@ def test_cuda_graph_forwards_give_the_eager_embeddings_and_the_same_bits_for_eve
     assert cosine.min() >= 0.999, cosine  # bf16: the graphs pad each forward to its bucket (other matmul shapes)
 
 
-def test_a_chunk_is_normalized_at_once_to_the_same_bits_as_each_image(tmp_path):
+@pytest.mark.parametrize("tower", ["siglip2", "aimv2_224"])
+def test_a_chunk_is_normalized_at_once_to_the_same_bits_as_each_image(tmp_path, tower):
     from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource
 
-    processor = Siglip2PackingImageProcessor(max_num_patches=256)
+    processor = Siglip2PackingImageProcessor(max_num_patches=256) if tower == "siglip2" else \
+        Aimv2PackingImageProcessor()  # fmt: skip
     ours = GpuPreprocessing(processor, torch.device("cuda"))
     paths = jpegs(tmp_path, 9)
     dataset = ChunkDataset(PairsSource([(str(p), str(p)) for p in paths]), CpuPreparation(processor), True)

@@ -108,6 +108,22 @@ def test_normalizing_many_images_patches_at_once_equals_each_image_alone():
     assert torch.equal(together, alone)
 
 
+@pytest.mark.parametrize("name", list(PROCESSORS))
+def test_rounding_many_images_resizes_at_once_equals_each_image_alone(name):
+    """The job rounds a chunk's resized patches in one pass (`finish=False`, then `finish_resize`): the same bits as
+    each image resized and rounded alone, also beside an image that needs no resize (uint8 in the concatenation)."""
+    ours = TorchPreprocessing(PROCESSORS[name]())
+    # (256, 256): Siglip2's grid at 256 patches as is; (224, 300): AIMv2-224's shortest edge as is (crop only)
+    sizes = [(90, 150), (256, 256), (224, 300), (301, 1003)]
+    images = [torch.from_numpy(smooth_image(h, w, seed=h)).permute(2, 0, 1).contiguous() for h, w in sizes]
+    unfinished = torch.cat([ours.resized_patches(image, finish=False)[0] for image in images])
+    together = ours.normalized(ours.finish_resize(unfinished))
+    alone = torch.cat([ours.patches(image)[0] for image in images])
+    assert unfinished.is_floating_point() and torch.equal(together, alone)
+    if name in ("siglip2_256", "aimv2_224"):
+        assert any(ours.resized_patches(image, finish=False)[0].dtype == torch.uint8 for image in images)
+
+
 def test_not_one_of_our_processors_is_a_clear_error():
     from packed_vit.encode.gpu_preprocessing import tower_of_processor
 

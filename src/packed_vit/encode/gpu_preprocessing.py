@@ -117,10 +117,11 @@ class TorchPreprocessing:
             return Aimv2PackingImageProcessor.fixed_size(height, width, options["size"])
         return rows * patch_size, cols * patch_size
 
-    def resize(self, image: torch.Tensor, height: int, width: int, rounded_float: bool = False) -> torch.Tensor:
+    def resize(self, image: torch.Tensor, height: int, width: int, finish: bool = True) -> torch.Tensor:
         """`tvF.resize(image, [height, width], antialias=True)` of a [3, H, W] uint8 CUDA image, to the bit.
-        `rounded_float`: the same values (rounded, 0..255) left in float32, for `normalized`, which would convert
-        the uint8 back to float32: two kernels fewer per image, the same numbers.
+        `finish=False`: where the resize interpolates in float32, its values before the clamp and round, which
+        `finish_resize` applies afterwards; elementwise, so once on many images' patches it gives the same bits
+        with two calls fewer per image (the encode job's host time: RESULTS.md). Other images come back uint8.
 
         Written out because the torchvision call spends about 0.6 ms of host time per image in its dispatch and
         checks (measured on the H200 machine: RESULTS.md), more than the GPU needs for the image. These are the
@@ -139,29 +140,33 @@ class TorchPreprocessing:
             return torch.nn.functional.interpolate(image[None], size=[height, width], mode="nearest")[0]
         resized = torch.nn.functional.interpolate(image[None].float(), size=[height, width], mode=self.mode,
                                                   align_corners=False, antialias=True)[0]  # fmt: skip
+        return self.finish_resize(resized).to(torch.uint8) if finish else resized
+
+    def finish_resize(self, resized: torch.Tensor) -> torch.Tensor:
+        """The float32 values of `resize(..., finish=False)` (any number of images' patches) rounded to 0..255 as
+        torchvision does, in place, still float32. A no-op on values already whole (images that were not resized)."""
         if self.mode == "bicubic":
             resized = resized.clamp_(min=0, max=255)
-        resized = resized.round_()
-        return resized if rounded_float else resized.to(torch.uint8)
+        return resized.round_()
 
     def model_image(self, image: torch.Tensor, size: tuple[int, int] | None = None,
-                    rounded_float: bool = False) -> torch.Tensor:  # fmt: skip
+                    finish: bool = True) -> torch.Tensor:  # fmt: skip
         """[3, H, W] uint8 -> the uint8 image the model sees (resized, cropped), sides multiples of the patch.
-        `size`: `target_size` of the image, if already known; `rounded_float`: see `resize`."""
+        `size`: `target_size` of the image, if already known; `finish`: see `resize`."""
         size = size or self.target_size(image.shape[1], image.shape[2])
         if size is not None:
-            image = self.resize(image, *size, rounded_float=rounded_float)
+            image = self.resize(image, *size, finish=finish)
         options = self.options
         if self.tower == "aimv2" and not options["is_native"] and options["do_center_crop"]:
             image = center_crop(image, options["crop_size"]["height"], options["crop_size"]["width"])
         return image
 
     def resized_patches(
-        self, image: torch.Tensor, size: tuple[int, int] | None = None, rounded_float: bool = False
+        self, image: torch.Tensor, size: tuple[int, int] | None = None, finish: bool = True
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """[3, H, W] uint8 -> (its model image's patches [h*w, p*p*3] uint8, channel last, (1, h, w)).
-        `size`: `target_size` of the image, if already known; `rounded_float`: see `resize`."""
-        image, patch_size = self.model_image(image, size, rounded_float), self.patch_size
+        `size`: `target_size` of the image, if already known; `finish`: see `resize`."""
+        image, patch_size = self.model_image(image, size, finish), self.patch_size
         channels, height, width = image.shape
         if height % patch_size or width % patch_size:
             raise ValueError(
@@ -173,7 +178,7 @@ class TorchPreprocessing:
         return patches.reshape(rows * cols, -1), (1, rows, cols)
 
     def normalized(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 patches [n, p*p*3] (or float32 ones of the same values, `rounded_float`: normalized in place) ->
+        """uint8 patches [n, p*p*3] (or float32 ones of the same values, `finish_resize`'s: normalized in place) ->
         float32, as the backend's fused rescale and normalize (`tvF.normalize`: subtract, then divide, in float32)."""
         options = self.options
         if self.mean is not None:
@@ -225,12 +230,13 @@ class GpuPreprocessing(TorchPreprocessing):
                 else:
                     continue
                 known = entry.resize_to if tuple(image.shape[1:]) == tuple(entry.size) else None
-                patches, entry.grid = self.resized_patches(image, known, rounded_float=True)
+                patches, entry.grid = self.resized_patches(image, known, finish=False)
                 mine.append(entry)
                 pieces.append(patches)
             if not mine:
                 return
-            pixels = self.normalized(torch.cat(pieces))
+            pixels = torch.cat(pieces)  # float32 where any image was resized (uint8 ones exactly converted)
+            pixels = self.normalized(self.finish_resize(pixels) if pixels.is_floating_point() else pixels)
             start = 0
             for entry, patches in zip(mine, pieces):
                 entry.pixels, entry.block = pixels[start : start + len(patches)], pixels

@@ -1,0 +1,144 @@
+"""GPU: does the GPU path's preprocessing (nvJPEG batch decode + resize + normalize, the job's own code) keep up
+with the packed forwards when both run at once, and does it matter whether it runs in a thread of the forwards'
+process (one CUDA context, one GIL) or in a process of its own (its own context and GIL)? Images/s of each side,
+alone and together, eager forwards and CUDA graphs, over fixed windows.
+
+    python3 benchmarks/probes/decode_beside_forwards.py CHECKPOINT CORPUS_DIR [IMAGES] [WINDOW_S]
+"""
+
+import multiprocessing as mp
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DECODE_CHUNK, AHEAD = 128, 3
+
+
+class Preprocessing:
+    """The job's GPU preprocessing on chunks of in-memory JPEGs, on its own stream, AHEAD chunks in flight."""
+
+    def __init__(self, processor, paths):
+        from packed_vit.encode.gpu_preprocessing import GpuPreprocessing
+
+        self.gpu = GpuPreprocessing(processor, torch.device("cuda"))
+        self.files = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+        self.stream = torch.cuda.Stream(priority=-100)
+
+    def run(self, stop: threading.Event | None = None, seconds: float | None = None) -> tuple[int, float]:
+        images, start, in_flight = 0, time.perf_counter(), []
+        with torch.cuda.stream(self.stream):
+            while True:
+                for first in range(0, len(self.files), DECODE_CHUNK):
+                    decoded = self.gpu.decoder.decode(self.files[first : first + DECODE_CHUNK])
+                    pieces = [self.gpu.resized_patches(image, finish=False)[0] for image in decoded]
+                    self.gpu.normalized(self.gpu.finish_resize(torch.cat(pieces)))
+                    event = torch.cuda.Event()
+                    event.record()
+                    in_flight.append(event)
+                    if len(in_flight) > AHEAD:
+                        in_flight.pop(0).synchronize()
+                    images += len(decoded)
+                    elapsed = time.perf_counter() - start
+                    if (stop is not None and stop.is_set()) or (seconds is not None and elapsed > seconds):
+                        torch.cuda.synchronize()
+                        return images, time.perf_counter() - start
+
+
+def decode_process(checkpoint, paths, ready, go, stop, quit, results):
+    """Preprocesses from each `go` until `stop`, reporting (images, seconds) each time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from packed_vit.encode.job import load_config_and_processor
+
+    _, processor = load_config_and_processor(checkpoint)
+    pre = Preprocessing(processor, paths)
+    pre.run(seconds=1.0)  # warm-up
+    ready.set()
+    while True:
+        go.wait()
+        if quit.is_set():
+            return
+        go.clear()
+        results.put(pre.run(stop=stop))
+        stop.clear()
+        ready.set()
+
+
+def forwards_for(model, batches, seconds: float) -> tuple[int, float]:
+    images, start, queued = 0, time.perf_counter(), []
+    with torch.no_grad():
+        while time.perf_counter() - start < seconds:
+            for pixels, grid in batches:
+                model(pixels, grid)
+                event = torch.cuda.Event()
+                event.record()
+                queued.append(event)
+                if len(queued) > 2:
+                    queued.pop(0).synchronize()
+                images += len(grid)
+        torch.cuda.synchronize()
+    return images, time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    checkpoint, corpus = sys.argv[1], Path(sys.argv[2])
+    count = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
+    window = float(sys.argv[4]) if len(sys.argv) > 4 else 6.0
+    paths = sorted(corpus.glob("*.jpg"))[:count]
+    context = mp.get_context("spawn")
+    ready, go, stop, quit = (context.Event() for _ in range(4))
+    results = context.Queue()
+    child = context.Process(target=decode_process, args=(checkpoint, paths, ready, go, stop, quit, results))
+    child.start()
+
+    from bench_encode import packed_batches
+
+    from packed_vit.encode import load_model_and_processor
+
+    model, processor = load_model_and_processor(checkpoint, device="cuda", dtype=torch.bfloat16)
+    batches = [(torch.cat([b[0] for b in batch]).cuda(), torch.cat([b[1] for b in batch])) for batch in
+               packed_batches(paths, processor)]  # fmt: skip
+    in_process = Preprocessing(processor, paths)
+    in_process.run(seconds=1.0)
+    forwards_for(model, batches, 1.0)
+
+    def report(label, images, seconds):
+        print(f"{label}: {images / seconds:.0f} images/s ({images} in {seconds:.2f} s)", flush=True)
+
+    def in_child(work):
+        """The decode process preprocesses while `work()` runs here; returns work's result and the child's."""
+        ready.wait()
+        ready.clear()
+        go.set()
+        time.sleep(0.2)
+        mine = work()
+        stop.set()
+        return mine, results.get()
+
+    report("decode alone, own process", *in_child(lambda: time.sleep(window))[1])
+    report("decode alone, thread", *in_process.run(seconds=window))
+    for graphs in (False, True):
+        if graphs:
+            model.enable_cuda_graphs()
+            forwards_for(model, batches, 1.0)  # captures
+        kind = "CUDA graphs" if graphs else "eager"
+        report(f"forwards alone, {kind}", *forwards_for(model, batches, window))
+        mine, theirs = in_child(lambda: forwards_for(model, batches, window))
+        report(f"forwards beside the decode process, {kind}", *mine)
+        report("  decode beside, own process", *theirs)
+        stop_thread, thread_result = threading.Event(), []
+        thread = threading.Thread(target=lambda: thread_result.append(in_process.run(stop=stop_thread)))
+        thread.start()
+        time.sleep(0.2)
+        report(f"forwards beside the decode thread, {kind}", *forwards_for(model, batches, window))
+        stop_thread.set()
+        thread.join()
+        report("  decode beside, thread", *thread_result[0])
+    ready.wait()
+    quit.set()
+    go.set()
+    child.join(timeout=30)
