@@ -36,7 +36,8 @@ class Preprocessing:
                 for first in range(0, len(self.files), DECODE_CHUNK):
                     decoded = self.gpu.decoder.decode(self.files[first : first + DECODE_CHUNK])
                     pieces = [self.gpu.resized_patches(image, finish=False)[0] for image in decoded]
-                    self.gpu.normalized(self.gpu.finish_resize(torch.cat(pieces)))
+                    pixels = torch.cat(pieces)  # as GpuPreprocessing.prepare_chunk: uint8 where nothing was resized
+                    self.gpu.normalized(self.gpu.finish_resize(pixels) if pixels.is_floating_point() else pixels)
                     event = torch.cuda.Event()
                     event.record()
                     in_flight.append(event)

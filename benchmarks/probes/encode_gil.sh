@@ -39,5 +39,5 @@ for name in ${configs//,/ }; do
                 2>"$out/si_${name}_${interval}_$round.err" | tail -1)" | tee -a "$out/switch.log"
         done
     done
-    timeout 60 python3 benchmarks/probes/forward_host_time.py $ckpt /tmp/be/corpus 2>&1 | tail -1 | tee -a "$out/host.log"
+    timeout 90 python3 benchmarks/probes/forward_host_time.py $ckpt /tmp/be/corpus 2>&1 | grep round | tee -a "$out/host.log"
 done
