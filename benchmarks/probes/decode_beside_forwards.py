@@ -16,34 +16,34 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DECODE_CHUNK, AHEAD = 128, 3
+AHEAD = 3  # chunks in flight, as the job's PREFETCH_CHUNKS
 
 
 class Preprocessing:
-    """The job's GPU preprocessing on chunks of in-memory JPEGs, on its own stream, AHEAD chunks in flight."""
+    """The job's GPU preprocessing (`GpuPreprocessing.prepare_chunk`) on the job's chunks of the files (read once,
+    `ChunkDataset`: GPU_CHUNK JPEGs each), on its own stream, AHEAD chunks in flight."""
 
     def __init__(self, processor, paths):
         from packed_vit.encode.gpu_preprocessing import GpuPreprocessing
+        from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource
 
         self.gpu = GpuPreprocessing(processor, torch.device("cuda"))
-        self.files = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+        source = PairsSource([(str(p), str(p)) for p in paths])
+        self.chunks = list(ChunkDataset(source, CpuPreparation(processor), gpu_decode=True))
         self.stream = torch.cuda.Stream(priority=-100)
 
     def run(self, stop: threading.Event | None = None, seconds: float | None = None) -> tuple[int, float]:
         images, start, in_flight = 0, time.perf_counter(), []
         with torch.cuda.stream(self.stream):
             while True:
-                for first in range(0, len(self.files), DECODE_CHUNK):
-                    decoded = self.gpu.decoder.decode(self.files[first : first + DECODE_CHUNK])
-                    pieces = [self.gpu.resized_patches(image, finish=False)[0] for image in decoded]
-                    pixels = torch.cat(pieces)  # as GpuPreprocessing.prepare_chunk: uint8 where nothing was resized
-                    self.gpu.normalized(self.gpu.finish_resize(pixels) if pixels.is_floating_point() else pixels)
+                for chunk in self.chunks:
+                    self.gpu.prepare_chunk(chunk)
                     event = torch.cuda.Event()
                     event.record()
                     in_flight.append(event)
                     if len(in_flight) > AHEAD:
                         in_flight.pop(0).synchronize()
-                    images += len(decoded)
+                    images += len(chunk.entries)
                     elapsed = time.perf_counter() - start
                     if (stop is not None and stop.is_set()) or (seconds is not None and elapsed > seconds):
                         torch.cuda.synchronize()
