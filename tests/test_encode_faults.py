@@ -416,8 +416,15 @@ def test_sigterm_or_ctrl_c_leaves_a_resumable_folder_and_says_so(siglip2, many, 
             os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(output.ShardWriter, "close_shard", signalled_after_the_second_shard)
+    # Ctrl-C as a foreground process gets it: a shell starts background jobs (`cmd &`, nohup) with SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler for it.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "out"
-    assert encode(*job_of(siglip2, many), "--out", str(out)) == 128 + signum
+    try:
+        code = encode(*job_of(siglip2, many), "--out", str(out))
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+    assert code == 128 + signum
     err = capsys.readouterr().err
     assert f"interrupted by {signal.Signals(signum).name}: the shards finished so far are kept in {out}" in err
     assert "run the same command again to resume" in err

@@ -3,7 +3,11 @@ with the packed forwards when both run at once, and does it matter whether it ru
 process (one CUDA context, one GIL) or in a process of its own (its own context and GIL)? Images/s of each side,
 alone and together, eager forwards and CUDA graphs, over fixed windows.
 
-    python3 benchmarks/probes/decode_beside_forwards.py CHECKPOINT CORPUS_DIR [IMAGES] [WINDOW_S]
+    python3 benchmarks/probes/decode_beside_forwards.py CHECKPOINT CORPUS_DIR [IMAGES] [WINDOW_S] [thread]
+
+`thread`: only the preprocessing thread (no decoding process). The environment variable CUDA_DEVICE_MAX_CONNECTIONS
+(hardware work queues per CUDA context, 8 by default) is printed: streams beyond that many share queues, so work on one
+can wait behind another's.
 """
 
 import multiprocessing as mp
@@ -89,12 +93,17 @@ if __name__ == "__main__":
     checkpoint, corpus = sys.argv[1], Path(sys.argv[2])
     count = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
     window = float(sys.argv[4]) if len(sys.argv) > 4 else 6.0
+    with_process = sys.argv[5:6] != ["thread"]
+    import os
+
+    print("CUDA_DEVICE_MAX_CONNECTIONS =", os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "(unset: 8)"), flush=True)
     paths = sorted(corpus.glob("*.jpg"))[:count]
     context = mp.get_context("spawn")
     ready, go, stop, quit = (context.Event() for _ in range(4))
     results = context.Queue()
     child = context.Process(target=decode_process, args=(checkpoint, paths, ready, go, stop, quit, results))
-    child.start()
+    if with_process:
+        child.start()
 
     from bench_encode import packed_batches
 
@@ -120,7 +129,8 @@ if __name__ == "__main__":
         stop.set()
         return mine, results.get()
 
-    report("decode alone, own process", *in_child(lambda: time.sleep(window))[1])
+    if with_process:
+        report("decode alone, own process", *in_child(lambda: time.sleep(window))[1])
     report("decode alone, thread", *in_process.run(seconds=window))
     for graphs in (False, True):
         if graphs:
@@ -128,9 +138,10 @@ if __name__ == "__main__":
             forwards_for(model, batches, 1.0)  # captures
         kind = "CUDA graphs" if graphs else "eager"
         report(f"forwards alone, {kind}", *forwards_for(model, batches, window))
-        mine, theirs = in_child(lambda: forwards_for(model, batches, window))
-        report(f"forwards beside the decode process, {kind}", *mine)
-        report("  decode beside, own process", *theirs)
+        if with_process:
+            mine, theirs = in_child(lambda: forwards_for(model, batches, window))
+            report(f"forwards beside the decode process, {kind}", *mine)
+            report("  decode beside, own process", *theirs)
         stop_thread, thread_result = threading.Event(), []
         thread = threading.Thread(target=lambda: thread_result.append(in_process.run(stop=stop_thread)))
         thread.start()
@@ -139,7 +150,8 @@ if __name__ == "__main__":
         stop_thread.set()
         thread.join()
         report("  decode beside, thread", *thread_result[0])
-    ready.wait()
-    quit.set()
-    go.set()
-    child.join(timeout=30)
+    if with_process:
+        ready.wait()
+        quit.set()
+        go.set()
+        child.join(timeout=30)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# GPU: does the preprocessing starve beside replayed CUDA graphs because its work shares a hardware queue with the
+# forwards'? A CUDA context has CUDA_DEVICE_MAX_CONNECTIONS hardware work queues (8 by default, at most 32); streams
+# beyond that share them, and work on a shared queue waits behind all that was queued before it, on whatever stream
+# (a replayed graph queues a whole forward at once). torchvision's nvJPEG decodes on a stream of torch's pool and
+# synchronizes it twice per batch. Runs decode_beside_forwards.py (thread only) and the CLI (eager and --cuda-graphs,
+# on the corpus linked 4 times) with the variable unset and at 32, interleaved.
+#   bash benchmarks/probes/connections.sh OUT_DIR [CONFIGS]
+set -uo pipefail
+out=${1:-/tmp/connections}; configs=${2:-aimv2_224,siglip2_256}; mkdir -p "$out"
+source benchmarks/device_env.sh
+python3 - "$configs" <<'PY'
+import os, sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from bench_encode import write_checkpoint, write_corpus
+work = Path("/tmp/be")
+write_corpus(work / "corpus", 3000)
+for name in sys.argv[1].split(","):
+    write_checkpoint(work / name, name)
+big = work / "corpus4x"
+big.mkdir(exist_ok=True)
+for path in sorted((work / "corpus").glob("*.jpg")):
+    for copy in range(4):
+        link = big / f"{copy}_{path.name}"
+        if not link.exists():
+            os.symlink(path, link)
+PY
+log=$out/connections.log
+for name in ${configs//,/ }; do
+    for connections in unset 32; do
+        env_args=(); [ $connections = unset ] || env_args=(CUDA_DEVICE_MAX_CONNECTIONS=$connections)
+        echo "== [$name] probe, connections $connections" | tee -a $log
+        env "${env_args[@]}" timeout 150 python3 benchmarks/probes/decode_beside_forwards.py /tmp/be/$name \
+            /tmp/be/corpus 1024 4 thread 2>>$out/errors.log | tee -a $log
+    done
+    for round in 1 2; do
+        for connections in unset 32; do
+            for graphs in "" --cuda-graphs; do
+                env_args=(); [ $connections = unset ] || env_args=(CUDA_DEVICE_MAX_CONNECTIONS=$connections)
+                echo "[$name] CLI connections $connections ${graphs:-eager} round $round: $(env "${env_args[@]}" \
+                    timeout 80 python3 -m packed_vit encode /tmp/be/corpus4x --model /tmp/be/$name \
+                    --out /tmp/be/o.safetensors --no-progress --profile $graphs 2>>$out/errors.log | tail -1)" \
+                    | tee -a $log
+                rm -f /tmp/be/o.safetensors*
+            done
+        done
+    done
+done
