@@ -3,8 +3,11 @@
 # forwards'? A CUDA context has CUDA_DEVICE_MAX_CONNECTIONS hardware work queues (8 by default, at most 32); streams
 # beyond that share them, and work on a shared queue waits behind all that was queued before it, on whatever stream
 # (a replayed graph queues a whole forward at once). torchvision's nvJPEG decodes on a stream of torch's pool and
-# synchronizes it twice per batch. Runs decode_beside_forwards.py (thread only) and the CLI (eager and --cuda-graphs,
-# on the corpus linked 4 times) with the variable unset and at 32, interleaved.
+# synchronizes it twice per batch. The other suspect, a device-wide wait inside the decoders (their batch calls slowed
+# beside graphs as much with the hardware engines, which use no SMs: RESULTS.md, session 8), would grow with the
+# forwards queued (QUEUED=1 instead of 2). Runs decode_beside_forwards.py (thread only) with the defaults, at 32
+# connections and with QUEUED=1, then the CLI (eager and --cuda-graphs, on the corpus linked 4 times) with the variable
+# unset and at 32, interleaved.
 #   bash benchmarks/probes/connections.sh OUT_DIR [CONFIGS]
 set -uo pipefail
 out=${1:-/tmp/connections}; configs=${2:-aimv2_224,siglip2_256}; mkdir -p "$out"
@@ -28,10 +31,9 @@ for path in sorted((work / "corpus").glob("*.jpg")):
 PY
 log=$out/connections.log
 for name in ${configs//,/ }; do
-    for connections in unset 32; do
-        env_args=(); [ $connections = unset ] || env_args=(CUDA_DEVICE_MAX_CONNECTIONS=$connections)
-        echo "== [$name] probe, connections $connections" | tee -a $log
-        env "${env_args[@]}" timeout 150 python3 benchmarks/probes/decode_beside_forwards.py /tmp/be/$name \
+    for setting in "" CUDA_DEVICE_MAX_CONNECTIONS=32 QUEUED=1; do
+        echo "== [$name] probe ${setting:-(defaults)}" | tee -a $log
+        env $setting timeout 150 python3 benchmarks/probes/decode_beside_forwards.py /tmp/be/$name \
             /tmp/be/corpus 1024 4 thread 2>>$out/errors.log | tee -a $log
     done
     for round in 1 2; do

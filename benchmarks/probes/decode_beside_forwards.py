@@ -5,12 +5,13 @@ alone and together, eager forwards and CUDA graphs, over fixed windows.
 
     python3 benchmarks/probes/decode_beside_forwards.py CHECKPOINT CORPUS_DIR [IMAGES] [WINDOW_S] [thread]
 
-`thread`: only the preprocessing thread (no decoding process). The environment variable CUDA_DEVICE_MAX_CONNECTIONS
-(hardware work queues per CUDA context, 8 by default) is printed: streams beyond that many share queues, so work on one
-can wait behind another's.
+`thread`: only the preprocessing thread (no decoding process). Printed with the results: CUDA_DEVICE_MAX_CONNECTIONS
+(hardware work queues per CUDA context, 8 by default: streams beyond that many share queues, so work on one can wait
+behind another's) and QUEUED (forwards queued before the host waits, 2 by default).
 """
 
 import multiprocessing as mp
+import os
 import sys
 import threading
 import time
@@ -73,6 +74,11 @@ def decode_process(checkpoint, paths, ready, go, stop, quit, results):
         ready.set()
 
 
+# Forwards queued on the GPU before the host waits for the oldest (the job's PIPELINE_DEPTH). If the decoder's calls
+# wait for all the work queued on the device, their time grows with this depth beside CUDA graphs.
+QUEUED = int(os.environ.get("QUEUED", "2"))
+
+
 def forwards_for(model, batches, seconds: float) -> tuple[int, float]:
     images, start, queued = 0, time.perf_counter(), []
     with torch.no_grad():
@@ -82,7 +88,7 @@ def forwards_for(model, batches, seconds: float) -> tuple[int, float]:
                 event = torch.cuda.Event()
                 event.record()
                 queued.append(event)
-                if len(queued) > 2:
+                if len(queued) > QUEUED:
                     queued.pop(0).synchronize()
                 images += len(grid)
         torch.cuda.synchronize()
@@ -94,9 +100,8 @@ if __name__ == "__main__":
     count = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
     window = float(sys.argv[4]) if len(sys.argv) > 4 else 6.0
     with_process = sys.argv[5:6] != ["thread"]
-    import os
-
-    print("CUDA_DEVICE_MAX_CONNECTIONS =", os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "(unset: 8)"), flush=True)
+    print("CUDA_DEVICE_MAX_CONNECTIONS =", os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "(unset: 8)"),
+          f"forwards queued: {QUEUED}", flush=True)
     paths = sorted(corpus.glob("*.jpg"))[:count]
     context = mp.get_context("spawn")
     ready, go, stop, quit = (context.Event() for _ in range(4))
