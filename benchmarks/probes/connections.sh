@@ -12,23 +12,7 @@
 set -uo pipefail
 out=${1:-/tmp/connections}; configs=${2:-aimv2_224,siglip2_256}; mkdir -p "$out"
 source benchmarks/device_env.sh
-python3 - "$configs" <<'PY'
-import os, sys
-from pathlib import Path
-sys.path.insert(0, "benchmarks")
-from bench_encode import write_checkpoint, write_corpus
-work = Path("/tmp/be")
-write_corpus(work / "corpus", 3000)
-for name in sys.argv[1].split(","):
-    write_checkpoint(work / name, name)
-big = work / "corpus4x"
-big.mkdir(exist_ok=True)
-for path in sorted((work / "corpus").glob("*.jpg")):
-    for copy in range(4):
-        link = big / f"{copy}_{path.name}"
-        if not link.exists():
-            os.symlink(path, link)
-PY
+python3 benchmarks/probes/encode_corpus.py "$configs"
 log=$out/connections.log
 for name in ${configs//,/ }; do
     for setting in "" CUDA_DEVICE_MAX_CONNECTIONS=32 QUEUED=1; do

@@ -9,23 +9,7 @@ out=${1:-/tmp/encode_gil}; configs=${2:-siglip2_256,aimv2_224}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 source benchmarks/device_env.sh
-python3 - "$configs" <<'PY'
-import os, sys
-from pathlib import Path
-sys.path.insert(0, "benchmarks")
-from bench_encode import write_checkpoint, write_corpus
-work = Path("/tmp/be")
-write_corpus(work / "corpus", 3000)
-for name in sys.argv[1].split(","):
-    write_checkpoint(work / name, name)
-big = work / "corpus4x"
-big.mkdir(exist_ok=True)
-for path in sorted((work / "corpus").glob("*.jpg")):
-    for copy in range(4):
-        link = big / f"{copy}_{path.name}"
-        if not link.exists():
-            os.symlink(path, link)
-PY
+python3 benchmarks/probes/encode_corpus.py "$configs"
 SWITCH='import sys, runpy; sys.setswitchinterval(float(sys.argv.pop(1))); runpy.run_module("packed_vit", run_name="__main__", alter_sys=True)'
 for name in ${configs//,/ }; do
     ckpt=/tmp/be/$name
