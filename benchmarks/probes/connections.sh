@@ -8,9 +8,11 @@
 # forwards queued (QUEUED=1 instead of 2). Runs decode_beside_forwards.py (thread only) with the defaults, at 32
 # connections and with QUEUED=1, then the CLI (eager and --cuda-graphs, on the corpus linked 4 times) with the variable
 # unset and at 32, interleaved.
-#   bash benchmarks/probes/connections.sh OUT_DIR [CONFIGS]
+#   [ROUNDS=1] bash benchmarks/probes/connections.sh OUT_DIR [CONFIGS]
+# One config and one round: about 5 minutes (estimated: 3 probe runs of ~1 min, 4 CLI runs of ~20 s, the corpus), so
+# one config per 10-minute device call.
 set -uo pipefail
-out=${1:-/tmp/connections}; configs=${2:-aimv2_224,siglip2_256}; mkdir -p "$out"
+out=${1:-/tmp/connections}; configs=${2:-aimv2_224}; mkdir -p "$out"
 source benchmarks/device_env.sh
 python3 benchmarks/probes/encode_corpus.py "$configs"
 log=$out/connections.log
@@ -20,11 +22,10 @@ for name in ${configs//,/ }; do
         env $setting timeout 150 python3 benchmarks/probes/decode_beside_forwards.py /tmp/be/$name \
             /tmp/be/corpus 1024 4 thread 2>>$out/errors.log | tee -a $log
     done
-    for round in 1 2; do
-        for connections in unset 32; do
+    for round in $(seq ${ROUNDS:-1}); do
+        for setting in "" CUDA_DEVICE_MAX_CONNECTIONS=32; do
             for graphs in "" --cuda-graphs; do
-                env_args=(); [ $connections = unset ] || env_args=(CUDA_DEVICE_MAX_CONNECTIONS=$connections)
-                echo "[$name] CLI connections $connections ${graphs:-eager} round $round: $(env "${env_args[@]}" \
+                echo "[$name] CLI ${setting:-(defaults)} ${graphs:-eager} round $round: $(env $setting \
                     timeout 80 python3 -m packed_vit encode /tmp/be/corpus4x --model /tmp/be/$name \
                     --out /tmp/be/o.safetensors --no-progress --profile $graphs 2>>$out/errors.log | tail -1)" \
                     | tee -a $log
