@@ -152,9 +152,9 @@ def test_inference_with_an_adapter(tower, adapter):
 def test_training_gradients_with_an_adapter(tower):
     # The adapter's gradients are what this test checks, so ours runs the reference's own attention (eager: matmul,
     # softmax, matmul); the packed kernels' gradients are test_training.py's. torch's CPU flash kernel (sdpa, fp32)
-    # rounds the query/key gradients 2-3x more than eager (against a float64 reference, 4 draws: 0.9-1.6e-5 against
-    # 0.35-0.54e-5 for AIMv2's second layer), and the adapters' added query/key weights sharpen the softmax enough
-    # that this noise crossed 1e-5 in 5 of 40 draws; eager against eager: 0 of 40, at most 6.8e-6.
+    # rounds the query/key gradients 2-3x more than its math kernel (against a float64 reference, 4 draws: 0.9-1.6e-5
+    # against 0.35-0.54e-5 for AIMv2's second layer), and the adapters' added query/key weights sharpen the softmax
+    # enough that this noise crossed 1e-5 in 5 of 40 draws; eager against eager: 0 of 40, at most 6.8e-6.
     ref, ours = pair(tower)
     ours.config._attn_implementation = "eager"
     ref, ours = with_the_same_adapter(ref, ours, ADAPTERS["lora-all-linear"](tower))
