@@ -103,11 +103,11 @@ if __name__ == "__main__":
     print("CUDA_DEVICE_MAX_CONNECTIONS =", os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "(unset: 8)"),
           f"forwards queued: {QUEUED}", flush=True)
     paths = sorted(corpus.glob("*.jpg"))[:count]
-    context = mp.get_context("spawn")
-    ready, go, stop, quit = (context.Event() for _ in range(4))
-    results = context.Queue()
-    child = context.Process(target=decode_process, args=(checkpoint, paths, ready, go, stop, quit, results))
     if with_process:
+        context = mp.get_context("spawn")
+        ready, go, stop, quit = (context.Event() for _ in range(4))
+        results = context.Queue()
+        child = context.Process(target=decode_process, args=(checkpoint, paths, ready, go, stop, quit, results))
         child.start()
 
     from bench_encode import packed_batches
