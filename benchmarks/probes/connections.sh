@@ -5,7 +5,7 @@
 # (a replayed graph queues a whole forward at once). torchvision's nvJPEG decodes on a stream of torch's pool and
 # synchronizes it twice per batch. The other suspect, a device-wide wait inside the decoders (their batch calls slowed
 # beside graphs as much with the hardware engines, which use no SMs: RESULTS.md, session 8), would grow with the
-# forwards queued (QUEUED=1 instead of 2). Runs decode_beside_forwards.py (thread only) with the defaults, at 32
+# forwards queued (QUEUED=1 or 0 instead of 2). Runs decode_beside_forwards.py (thread only) with the defaults, at 32
 # connections and with QUEUED=1, then the CLI (eager and --cuda-graphs, on the corpus linked 4 times) with the variable
 # unset and at 32, interleaved.
 #   [ROUNDS=1] bash benchmarks/probes/connections.sh OUT_DIR [CONFIGS]
@@ -16,21 +16,27 @@ out=${1:-/tmp/connections}; configs=${2:-aimv2_224}; mkdir -p "$out"
 source benchmarks/device_env.sh
 python3 benchmarks/probes/encode_corpus.py "$configs"
 log=$out/connections.log
+# The CLI runs, "ENVIRONMENT|OPTIONS" separated by ';' (the job sets 32 queues itself unless the variable is set).
+variants=${VARIANTS:-"CUDA_DEVICE_MAX_CONNECTIONS=8|;CUDA_DEVICE_MAX_CONNECTIONS=8|--cuda-graphs;|;|--cuda-graphs"}
 for name in ${configs//,/ }; do
-    for setting in "" CUDA_DEVICE_MAX_CONNECTIONS=32 QUEUED=1; do
-        echo "== [$name] probe ${setting:-(defaults)}" | tee -a $log
-        env $setting timeout 150 python3 benchmarks/probes/decode_beside_forwards.py /tmp/be/$name \
-            /tmp/be/corpus 1024 4 thread 2>>$out/errors.log | tee -a $log
-    done
-    for round in $(seq ${ROUNDS:-1}); do
-        for setting in "" CUDA_DEVICE_MAX_CONNECTIONS=32; do
-            for graphs in "" --cuda-graphs; do
-                echo "[$name] CLI ${setting:-(defaults)} ${graphs:-eager} round $round: $(env $setting \
-                    timeout 80 python3 -m packed_vit encode /tmp/be/corpus4x --model /tmp/be/$name \
-                    --out /tmp/be/o.safetensors --no-progress --profile $graphs 2>>$out/errors.log | tail -1)" \
-                    | tee -a $log
-                rm -f /tmp/be/o.safetensors*
-            done
+    if [ "${PROBE:-1}" = 1 ]; then
+        for setting in "" CUDA_DEVICE_MAX_CONNECTIONS=32 QUEUED=1 QUEUED=0; do
+            echo "== [$name] probe ${setting:-(defaults)}" | tee -a $log
+            env $setting timeout 150 python3 benchmarks/probes/decode_beside_forwards.py /tmp/be/$name \
+                /tmp/be/corpus 1024 4 thread 2>>$out/errors.log | tee -a $log
+        done
+    fi
+done
+for round in $(seq ${ROUNDS:-1}); do
+    for name in ${configs//,/ }; do
+        IFS=';' read -ra runs <<< "$variants"
+        for run in "${runs[@]}"; do
+            setting=${run%%|*}; options=${run#*|}
+            echo "[$name] CLI ${setting:-(job default)} ${options:-eager} round $round: $(env $setting \
+                timeout 80 python3 -m packed_vit encode /tmp/be/corpus4x --model /tmp/be/$name \
+                --out /tmp/be/o.safetensors --no-progress --profile $options 2>>$out/errors.log | tail -1)" \
+                | tee -a $log
+            rm -f /tmp/be/o.safetensors*
         done
     done
 done

@@ -23,7 +23,7 @@ from .inputs import Part, find_parts
 from .jpeg_decoders import check_jpeg_decoder
 from .output import Embeddings, FolderBusy, FolderLock, JobMismatch, ShardWriter, WriteFault, finished_shards, \
     prepare_folder, read_manifest, refuse_foreign_folder, resume_position, save_embeddings, write_manifest  # fmt: skip
-from .pipeline import PairsSource, StageClock, encoded_results
+from .pipeline import PairsSource, StageClock, encoded_results, use_more_hardware_queues
 
 DEFAULT_MAX_TOKENS = 16384
 DEFAULT_SHARD_SIZE = 10000
@@ -288,6 +288,7 @@ def run_job(options: JobOptions, started: float | None = None) -> int:
     Ctrl-C and SIGTERM (a scheduler's preemption; torchrun ending the other ranks when one fails) drop the shard in
     progress and leave the folder as the same command resumes it."""
     started = started or time.time()
+    use_more_hardware_queues()  # before the process's CUDA context is made
     clock = StageClock()  # --profile's start-up steps and stage seconds
     clock.mark("imports done")
     rank, world_size = ranks.start()

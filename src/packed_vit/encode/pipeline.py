@@ -61,6 +61,19 @@ CHUNK = 16  # samples per worker task: large enough to amortise IPC, small enoug
 GPU_CHUNK = 128
 PREFETCH_CHUNKS = 3  # chunks preprocessed ahead of the forwards, on CUDA (`in_background`): >= 4 forwards at 256
 PIPELINE_DEPTH = 2  # forwards queued on the device before the host waits for the oldest one's results
+# Hardware work queues of the process's CUDA context (the driver reads the variable when it makes the context; at most
+# 32). With the default 8, the preprocessing's streams (ours, and the pool stream torchvision's nvJPEG decodes on) can
+# share a queue with the forwards' stream, and their work then waits behind every forward queued before it on that
+# queue: beside replayed CUDA graphs the preprocessing fell from 4400 to 619 images/s, at 32 it kept 4379 (AIMv2-224,
+# RESULTS.md, encode job, session 11). A value the user set is kept.
+HARDWARE_QUEUES = "32"
+
+
+def use_more_hardware_queues() -> None:
+    """Before this process's first CUDA call (too late once the context exists: then it changes nothing)."""
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", HARDWARE_QUEUES)
+
+
 # Budgets up to this many patches replay CUDA graphs (`cuda_graphs=True`): the graphs' memory is about one forward's
 # activations at the budget, as the eager forwards take, plus static buffers of the budget's rows.
 CUDA_GRAPH_MAX_TOKENS = 65536
