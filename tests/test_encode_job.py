@@ -102,6 +102,28 @@ def test_auto_preprocessing_is_the_cpu_path_off_cuda_and_gpu_is_refused_there(ch
         encode_images(model, processor, images, BUDGET, progress=False, preprocess="gpu")
 
 
+@pytest.mark.parametrize("users_value", [None, "4"])
+def test_the_job_sets_32_hardware_queues_before_its_first_cuda_call_unless_the_user_set_them(
+    checkpoint, photos, tmp_path, monkeypatch, users_value
+):
+    """CUDA_DEVICE_MAX_CONNECTIONS is read when the CUDA context is made: beside replayed CUDA graphs the GPU path's
+    preprocessing starved at the default 8 (RESULTS.md, encode job, session 11)."""
+    if users_value is None:
+        monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", users_value)
+    seen_at_first_cuda_call = []
+    real_is_available = torch.cuda.is_available
+
+    def is_available():  # the job's first CUDA call: which device to take (ranks.device_of_rank)
+        seen_at_first_cuda_call.append(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"))
+        return real_is_available()
+
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    assert encode(str(photos / "00.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "e.safetensors")) == 0
+    assert seen_at_first_cuda_call and seen_at_first_cuda_call[0] == (users_value or "32")
+
+
 def test_workers_report_unreadable_files_in_order_and_go_on(checkpoint, photos, tmp_path, capsys):
     assert encode(str(photos), "--model", str(checkpoint), "--out", str(tmp_path / "e.safetensors"),
                   "--workers", "2") == SKIPPED  # fmt: skip

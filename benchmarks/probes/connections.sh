@@ -2,15 +2,14 @@
 # GPU: does the preprocessing starve beside replayed CUDA graphs because its work shares a hardware queue with the
 # forwards'? A CUDA context has CUDA_DEVICE_MAX_CONNECTIONS hardware work queues (8 by default, at most 32); streams
 # beyond that share them, and work on a shared queue waits behind all that was queued before it, on whatever stream
-# (a replayed graph queues a whole forward at once). torchvision's nvJPEG decodes on a stream of torch's pool and
-# synchronizes it twice per batch. The other suspect, a device-wide wait inside the decoders (their batch calls slowed
-# beside graphs as much with the hardware engines, which use no SMs: RESULTS.md, session 8), would grow with the
-# forwards queued (QUEUED=1 or 0 instead of 2). Runs decode_beside_forwards.py (thread only) with the defaults, at 32
-# connections and with QUEUED=1, then the CLI (eager and --cuda-graphs, on the corpus linked 4 times) with the variable
-# unset and at 32, interleaved.
-#   [ROUNDS=1] bash benchmarks/probes/connections.sh OUT_DIR [CONFIGS]
-# One config and one round: about 5 minutes (estimated: 3 probe runs of ~1 min, 4 CLI runs of ~20 s, the corpus), so
-# one config per 10-minute device call.
+# (a replayed graph queues a whole forward at once). The other suspect, a device-wide wait inside the decoders, would
+# grow with the forwards queued (QUEUED=1 or 0 instead of 2). Answered in session 11 (RESULTS.md): the queues; the
+# encode job now asks for 32 itself.
+# Runs decode_beside_forwards.py (thread only) with the defaults, at 32 queues, with QUEUED=1 and QUEUED=0 (PROBE=0
+# skips it), then the CLI on the corpus linked 4 times for each of VARIANTS, "ENVIRONMENT|OPTIONS" separated by ';'
+# (default: eager and --cuda-graphs at 8 queues and at the job's own setting), interleaved over ROUNDS rounds.
+#   [PROBE=1] [ROUNDS=1] [VARIANTS=...] bash benchmarks/probes/connections.sh OUT_DIR [CONFIGS]
+# Measured: the probe part ~4.5 minutes per config, a CLI run ~20-25 s; keep each device call under 10 minutes.
 set -uo pipefail
 out=${1:-/tmp/connections}; configs=${2:-aimv2_224}; mkdir -p "$out"
 source benchmarks/device_env.sh

@@ -100,9 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     encode.add_argument("--no-progress", action="store_true", help="no progress bar")
     encode.add_argument("--cuda-graphs", action="store_true",
                         help="replay the forwards from CUDA graphs (one per size bucket, the usual one captured at the "
-                             "start): the host then launches ~30 ms less per forward, but with the GPU path the JPEG "
-                             "decoder gets less of the GPU; measured slower on the H200 at 256 patches (1650 vs 1770 "
-                             "images/s), hence off: docs/encode-performance.md")  # fmt: skip
+                             "start): the host then launches a fraction of the eager forwards' calls, but with the GPU "
+                             "path the forwards then wait for the GPU they share with the preprocessing; measured no "
+                             "faster on the H200 (12000 JPEGs, images/s, graphs vs eager: AIMv2-224 2458-2472 vs "
+                             "2433-2526, Siglip2 256 patches 2009-2013 vs 2084-2145), hence off: "
+                             "docs/encode-performance.md")  # fmt: skip
     encode.add_argument("--profile", action="store_true",
                         help="print the start-up steps and each pipeline stage's host seconds at the end")
     encode.add_argument("--strict", action="store_true",

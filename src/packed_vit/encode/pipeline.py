@@ -29,7 +29,8 @@ The preprocessing thread records a CUDA event after each chunk; a forward waits 
 chunks only (not for the whole preprocessing stream, which by then holds the next chunks' work too). nvJPEG's batch
 decode returns only once its batch is decoded, so it must not run in the thread that queues the forwards, and
 PREFETCH_CHUNKS chunks stay ready ahead so the forwards never wait for a decode. The preprocessing stream has the
-highest priority: its kernels are few and small.
+highest priority: its kernels are few and small. The job (`run_job`) asks for more hardware work queues before the
+process's CUDA context is made (`use_more_hardware_queues`), so that the streams do not wait behind each other's work.
 `StageClock` adds up each stage's host seconds and marks the start-up steps (`packed-vit encode --profile`).
 """
 
