@@ -128,7 +128,9 @@ def encode_images(
     `workers`: decoding processes (0: this one). `preprocess`: "cpu" (PIL, the processor), "gpu" (CUDA) or "auto".
     `jpeg_decoder`: the GPU path's JPEG decoder, "auto", "nvjpeg" or "nvimgcodec" (`jpeg_decoders`).
     `cuda_graphs`: on CUDA, enable the model's CUDA graphs (`model.enable_cuda_graphs`) for the job's forwards
-    (`packed-vit encode --cuda-graphs`).
+    (`packed-vit encode --cuda-graphs`). With the GPU path, set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process's
+    first CUDA call, as the command does (`pipeline.use_more_hardware_queues`): at the default 8 the preprocessing
+    starves beside replayed graphs.
     """
     pairs = list(images)
     result = Embeddings()
