@@ -12,6 +12,8 @@ random weights in transformers' saved format):
   (`Siglip2ImageProcessor` / `CLIPImageProcessor`, the default backend) as the `collate_fn` of a DataLoader with
   14 workers, pinned memory, prefetch_factor=4, 64 images per padded batch, `Siglip2VisionModel` / `Aimv2VisionModel`
   (sdpa, bf16), `non_blocking` copies both ways; images/s from its first batch on, all images;
+- `startup` (`--startup-configs`): ours' start-up (the CLI on a few images) and transformers' own `from_pretrained`
+  onto the GPU, each in a fresh process, alternating `--startup-rounds` times: medians, and each side's imports;
 - `profile` (`--profile`): our pipeline in this process (`encoded_results`, GPU path, 14 workers) with its
   `StageClock`: host seconds per stage and thread, GPU seconds in forwards; at GPU_CHUNK 128 and 256;
 - checks: GPU preprocessing vs transformers' torchvision backend on CUDA on the same decoded pixels (max abs
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -265,13 +268,43 @@ def transformers_startup(checkpoint: Path, config_name: str) -> dict:
     """A fresh process: transformers' own `from_pretrained` of the tower onto the GPU, bf16 (the start-up goal's
     reference), from the process's start."""
     cls = "Siglip2VisionModel" if CONFIGS[config_name][0] == "siglip2" else "Aimv2VisionModel"
-    code = (f"import torch, time, transformers\nm = transformers.{cls}.from_pretrained({str(checkpoint)!r}, "
-            "dtype=torch.bfloat16, device_map='cuda')\ntorch.cuda.synchronize()\nprint(time.time())")  # fmt: skip
+    code = (f"import torch, time, transformers\ncls = transformers.{cls}\nimported = time.time()\n"
+            f"m = cls.from_pretrained({str(checkpoint)!r}, dtype=torch.bfloat16, device_map='cuda')\n"
+            "torch.cuda.synchronize()\nprint(imported, time.time())")  # fmt: skip
     start = time.time()
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if run.returncode:
         return {"error": run.stderr[-2000:]}
-    return {"seconds_to_model_on_gpu": float(run.stdout.split()[-1]) - start}
+    imported, loaded = map(float, run.stdout.split()[-2:])
+    return {"seconds_to_model_on_gpu": loaded - start, "seconds_to_imports_done": imported - start}
+
+
+STARTUP_IMAGES = 128  # ours' start-up runs encode this many images: the start-up does not depend on the corpus
+
+
+def startup_comparison(paths, work: Path, checkpoint: Path, config_name: str, rounds: int) -> dict:
+    """Start-up, ours (the CLI, GPU path, process start to first forward) against transformers' own load
+    (`transformers_startup`), alternating `rounds` times: on the GPU machine the imports alone moved by seconds
+    between runs (RESULTS.md, session 8), so one sample of each says little. Medians, and each side's imports."""
+    small = work / "startup_corpus"
+    small.mkdir(exist_ok=True)
+    for path in paths[:STARTUP_IMAGES]:
+        if not (small / path.name).exists():
+            (small / path.name).symlink_to(path.resolve())
+    ours, theirs = [], []
+    for _ in range(rounds):
+        run = run_cli(small, checkpoint, work / "startup.safetensors", "gpu")
+        imports = re.search(r"([\d.]+)\s+imports done", "\n".join(run["profile"]))
+        ours.append({"startup_seconds": run["startup_seconds"], "seconds_to_imports_done": float(imports.group(1))})
+        theirs.append(transformers_startup(checkpoint, config_name))
+        if "error" in theirs[-1]:
+            return {"error": theirs[-1]["error"]}
+    median = statistics.median
+    return {"rounds": rounds, "ours": ours, "transformers": theirs,
+            "median_ours": median(o["startup_seconds"] for o in ours),
+            "median_transformers": median(t["seconds_to_model_on_gpu"] for t in theirs),
+            "median_ours_imports": median(o["seconds_to_imports_done"] for o in ours),
+            "median_transformers_imports": median(t["seconds_to_imports_done"] for t in theirs)}  # fmt: skip
 
 
 def unpatchify(patches: torch.Tensor, grid, patch_size: int) -> torch.Tensor:
@@ -399,6 +432,8 @@ def main() -> None:
                         help="the profile's variants, each CHUNK[:DECODER[:graphs]] (profile_pipeline)")
     parser.add_argument("--startup-configs", default="siglip2_256,aimv2_224",
                         help="configurations whose transformers from_pretrained start-up is measured (one per tower)")
+    parser.add_argument("--startup-rounds", type=int, default=3,
+                        help="start-up runs of ours and of transformers' load, alternating, per start-up config")
     parser.add_argument("--cli-only", action="store_true", help="only the CLI runs (no alone, user, profile, checks)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results_encode.json")
     args = parser.parse_args()
@@ -450,13 +485,14 @@ def main() -> None:
             row["transformers_user"] = transformers_user(paths, checkpoint, name)
             print(f"[{name}] transformers user: {row['transformers_user']}", flush=True)
         if name in args.startup_configs.split(","):
-            row["transformers_startup"] = transformers_startup(checkpoint, name)
+            row["startup"] = startup_comparison(paths, args.work, checkpoint, name, args.startup_rounds)
+            print(f"[{name}] start-up: {row['startup']}", flush=True)
         if name in args.checks_configs.split(","):
             spread = paths[:: max(1, len(paths) // args.parity_images)][: args.parity_images]  # over many chunks
             row["preprocessing_check"] = preprocessing_check(spread, name, processor)
             row["parity_bf16_vs_transformers_fp32"] = parity(spread, checkpoint, name,
                                                              embeddings, processor)  # fmt: skip
-        print(f"[{name}] checks: {row.get('transformers_startup')} {row.get('preprocessing_check')} "
+        print(f"[{name}] checks: {row.get('preprocessing_check')} "
               f"{row.get('parity_bf16_vs_transformers_fp32')}", flush=True)  # fmt: skip
         alone = max(row["forwards_alone"]["images_per_s"], row["forwards_alone_cuda_graphs"]["images_per_s"])
         user = row.get("transformers_user", {}).get("images_per_s")
@@ -470,15 +506,18 @@ def main() -> None:
         return
     print(f"\n{'config':>12} {'mode':>4} {'img/s':>7} {'alone':>6} {'/alone':>6} {'user':>5} {'/user':>5} "
           f"{'alone/user':>10} {'start s':>7} {'tf load s':>9}")  # fmt: skip
+    # start s: this run's; with a start-up comparison, the medians of its rounds (ours, transformers' load)
     for name, row in results["configs"].items():
         user = row.get("transformers_user", {}).get("images_per_s")
         alone = max(row["forwards_alone"]["images_per_s"], row["forwards_alone_cuda_graphs"]["images_per_s"])
+        startup = row.get("startup", {})
         for mode, cli in row["cli"].items():
             ratio = cli["after_startup_over_transformers_user"]
             print(f"{name:>12} {mode:>4} {cli['images_per_s_after_startup']:>7.0f} "
                   f"{alone:>6.0f} {cli['after_startup_over_forwards_alone']:>6.2f} "
                   f"{user or 0:>5.0f} {ratio or 0:>5.2f} {row['forwards_alone_over_transformers_user'] or 0:>10.2f} "
-                  f"{cli['startup_seconds']:>7.2f} {row.get('transformers_startup', {}).get('seconds_to_model_on_gpu', 0):>9.2f}")  # fmt: skip
+                  f"{startup.get('median_ours', cli['startup_seconds']):>7.2f} "
+                  f"{startup.get('median_transformers', 0):>9.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
