@@ -124,6 +124,18 @@ def test_the_job_sets_32_hardware_queues_before_its_first_cuda_call_unless_the_u
     assert seen_at_first_cuda_call and seen_at_first_cuda_call[0] == (users_value or "32")
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process start comes from /proc (Linux)")
+def test_the_process_start_is_when_the_process_started_not_up_to_a_second_before():
+    """The start-up the command reports counts from `process_start_time` (the boot time in /proc/stat is whole
+    seconds: from it the start came out up to 1 s early)."""
+    code = "import time; from packed_vit.encode.job import process_start_time as s; print(s(), time.time())"
+    before = time.time()
+    start, now = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout.split())  # fmt: skip
+    tick = 0.02  # /proc's start is in clock ticks (10 ms at the usual 100 Hz)
+    assert before - tick <= start <= now
+
+
 def test_workers_report_unreadable_files_in_order_and_go_on(checkpoint, photos, tmp_path, capsys):
     assert encode(str(photos), "--model", str(checkpoint), "--out", str(tmp_path / "e.safetensors"),
                   "--workers", "2") == SKIPPED  # fmt: skip
