@@ -279,6 +279,15 @@ def transformers_startup(checkpoint: Path, config_name: str) -> dict:
     return {"seconds_to_model_on_gpu": loaded - start, "seconds_to_imports_done": imported - start}
 
 
+def startup_marks(profile: list[str]) -> dict[str, float]:
+    """`--profile`'s start-up steps: step -> seconds from the process start."""
+    marks = {}
+    for line in profile[1 : profile.index("host seconds per stage (summed per thread):")]:
+        seconds, step = line.strip().split(maxsplit=1)
+        marks[step] = float(seconds)
+    return marks
+
+
 STARTUP_IMAGES = 128  # ours' start-up runs encode this many images: the start-up does not depend on the corpus
 
 
@@ -294,8 +303,9 @@ def startup_comparison(paths, work: Path, checkpoint: Path, config_name: str, ro
     ours, theirs = [], []
     for _ in range(rounds):
         run = run_cli(small, checkpoint, work / "startup.safetensors", "gpu")
-        imports = re.search(r"([\d.]+)\s+imports done", "\n".join(run["profile"]))
-        ours.append({"startup_seconds": run["startup_seconds"], "seconds_to_imports_done": float(imports.group(1))})
+        marks = startup_marks(run["profile"])
+        ours.append({"startup_seconds": run["startup_seconds"], "seconds_to_imports_done": marks["imports done"],
+                     "marks": marks})  # fmt: skip
         theirs.append(transformers_startup(checkpoint, config_name))
         if "error" in theirs[-1]:
             return {"error": theirs[-1]["error"]}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 
 import torch
@@ -147,21 +146,3 @@ class PackedLayerNorm(ResidualNorm, nn.LayerNorm):
 
     rms = False
     normalize = nn.LayerNorm.forward
-
-
-def warm_up_fused_norms(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Launches the fused pass once, on zeros, for each kind of norm `model` holds (`model` may be on the meta
-    device: only its norms' classes and shapes are read). A process's first launch of each kind costs about half a
-    second (Triton loads the kernel: benchmarks/RESULTS.md, encode job), which the encode job pays this way while
-    the weights load rather than in its first forward."""
-    kinds = {}
-    for module in model.modules():
-        if isinstance(module, ResidualNorm):
-            bias = getattr(module, "bias", None)
-            kinds.setdefault((type(module), tuple(module.weight.shape), bias is not None), module)
-    with torch.no_grad():
-        for norm in kinds.values():
-            norm = copy.deepcopy(norm).to_empty(device=device).to(dtype)
-            zeros = torch.zeros(max(FUSED_ADD_NORM_MIN_TOKENS, 1), norm.weight.shape[0], device=device, dtype=dtype)
-            norm(zeros)
-            norm(zeros, residual_delta=zeros)

@@ -114,6 +114,22 @@ def test_every_worker_count_gives_the_same_gpu_path_embeddings_to_the_bit(tmp_pa
         assert torch.equal(run.tensors()["pooled"], runs[0].tensors()["pooled"])
 
 
+@pytest.mark.parametrize("tower", ["siglip2", "aimv2_fixed"])
+def test_the_warm_up_on_zero_weights_runs_a_whole_forward_of_the_budget(tmp_path, tower):
+    """It swallows its errors (a head start only), so this is what tells that it works at all."""
+    from packed_vit.encode.job import load_config_and_processor, source_tower, warm_up_on_zero_weights
+    from packed_vit.encode.pipeline import StageClock
+
+    folder = tmp_path / "ckpt"
+    pair = siglip2_pair() if tower == "siglip2" else aimv2_pair(is_native=False)
+    (formats.siglip2_full_model if tower == "siglip2" else formats.vision_model)(*pair, folder)
+    config, processor = load_config_and_processor(str(folder))
+    clock = StageClock()
+    warm_up_on_zero_weights(source_tower(str(folder)).model_class, config, processor, 600, torch.device("cuda"),
+                            torch.bfloat16, clock)  # fmt: skip
+    assert "kernels warmed up (zero weights)" in clock.marks
+
+
 @pytest.mark.parametrize("preprocess", ["gpu", "cpu"])
 def test_cuda_graph_forwards_give_the_eager_embeddings_and_the_same_bits_for_every_worker_count(tmp_path, preprocess):
     """The job's forwards replayed from CUDA graphs (bf16: graphs apply to the varlen_attn backend): per image what

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -100,6 +101,32 @@ def test_auto_preprocessing_is_the_cpu_path_off_cuda_and_gpu_is_refused_there(ch
     assert auto.names == cpu.names and torch.equal(auto.tensors()["pooled"], cpu.tensors()["pooled"])
     with pytest.raises(ValueError, match="needs a CUDA device"):
         encode_images(model, processor, images, BUDGET, progress=False, preprocess="gpu")
+
+
+def test_the_model_loads_in_a_thread_once_the_workers_are_forked_and_its_error_is_raised_to_the_caller(
+    checkpoint, photos
+):
+    from packed_vit.encode.pipeline import PairsSource, StageClock, encoded_results
+
+    model, processor = load_model_and_processor(str(checkpoint))
+    images = [(p.name, p) for p in sorted(photos.iterdir())[:6]]
+    clock, seen = StageClock(), {}
+
+    def load():
+        seen["thread"], seen["forked"] = threading.current_thread(), "workers forked" in clock.marks
+        return model
+
+    loaded = list(encoded_results(load, processor, PairsSource(images), BUDGET, workers=2, clock=clock, device="cpu"))
+    given = list(encoded_results(model, processor, PairsSource(images), BUDGET, workers=2))
+    assert seen["thread"] is not threading.current_thread() and seen["forked"]
+    assert [r.entries[0].name for r in loaded] == [r.entries[0].name for r in given]
+    assert torch.equal(torch.cat([r.pooled for r in loaded]), torch.cat([r.pooled for r in given]))
+
+    def broken():
+        raise OSError("no weights here")
+
+    with pytest.raises(OSError, match="no weights here"):
+        list(encoded_results(broken, processor, PairsSource(images), BUDGET, workers=2, device="cpu"))
 
 
 @pytest.mark.parametrize("users_value", [None, "4"])

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import signal
 import sys
@@ -24,7 +25,7 @@ from .inputs import Part, find_parts
 from .jpeg_decoders import check_jpeg_decoder
 from .output import Embeddings, FolderBusy, FolderLock, JobMismatch, ShardWriter, WriteFault, finished_shards, \
     prepare_folder, read_manifest, refuse_foreign_folder, resume_position, save_embeddings, write_manifest  # fmt: skip
-from .pipeline import PairsSource, StageClock, encoded_results, use_more_hardware_queues
+from .pipeline import PairsSource, StageClock, encoded_results, use_more_hardware_queues, warm_up
 
 DEFAULT_MAX_TOKENS = 16384
 DEFAULT_SHARD_SIZE = 10000
@@ -196,16 +197,22 @@ def load_config_and_processor(source: str, revision: str | None = None, tower=No
     return (None, None) if config is None else (config, source_processor(tower, config, source, revision))
 
 
-def warm_up_kernels(model_class, config, device: torch.device, dtype: torch.dtype) -> None:
-    """In a thread while the weights load (CUDA): the first launches a fresh process pays that need no weights (the
-    fused norms' Triton kernels: `fused_norm.warm_up_fused_norms`). Only a head start: whatever fails here is left to
-    the pipeline's warm-up forward to raise."""
+def warm_up_on_zero_weights(model_class, config, processor, max_tokens: int, device: torch.device,
+                            dtype: torch.dtype, clock: StageClock) -> None:  # fmt: skip
+    """In a thread while the weights load (CUDA): the pipeline's warm-up forward (`pipeline.warm_up`) on a copy of
+    the tower whose weights are zeros, so that the one-time costs of a process's first forward that need no weights
+    (the kernels' lazy loading, the fused norms' Triton kernels, cuBLAS) are paid beside the load rather than after
+    it (measured: RESULTS.md, encode job, session 12). The copy takes as much GPU memory as the weights while it
+    runs. Only a head start: whatever fails here is left to the pipeline's warm-up forward on the real weights."""
     try:
-        from ..modeling.fused_norm import warm_up_fused_norms
-
         with torch.device("meta"):
-            skeleton = model_class(config)
-        warm_up_fused_norms(skeleton, device, dtype)
+            skeleton = model_class(config).to(dtype)
+        skeleton = skeleton.to_empty(device=device).eval()
+        with torch.no_grad():
+            for tensor in itertools.chain(skeleton.parameters(), skeleton.buffers()):
+                tensor.zero_()
+        warm_up(skeleton, processor, max_tokens, torch.cuda.Stream(device))
+        clock.mark("kernels warmed up (zero weights)")
     except Exception:  # noqa: BLE001 - see the docstring
         pass
 
@@ -384,9 +391,9 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
     resumed = sum(1 for part, start in todo if start > 0) + (len(mine) - len(todo))
     clock.mark("inputs listed")
 
-    def load():  # called by the pipeline once its workers and preprocessing run: the load overlaps them
-        warming = threading.Thread(target=warm_up_kernels, args=(tower.model_class, config, device, dtype),
-                                   daemon=True)  # fmt: skip
+    def load():  # called by the pipeline in a thread once its workers are forked: the load overlaps their start
+        warming = threading.Thread(target=warm_up_on_zero_weights, daemon=True, args=(
+            tower.model_class, config, processor, options.max_tokens, device, dtype, clock))  # fmt: skip
         if device.type == "cuda":
             warming.start()
         try:

@@ -22,8 +22,8 @@ On CUDA the stages are threads with a queue between each, each stage on its own 
   read (DataLoader workers) -> preprocess (a thread: copies or nvJPEG decode, resize, normalize; `in_background`)
   -> forward (the caller's thread, PIPELINE_DEPTH forwards queued) -> results, in input order.
 Start-up, in this order: the workers are forked (before this process has a CUDA context, which makes forks slow);
-the preprocessing thread starts reading and decoding; the model loads meanwhile (`model` may be a function that
-loads it); one forward of the budget's size (`warm_up`) pays the one-time costs of a process's first forward (lazy
+the model starts loading in a thread of its own (`model` may be a function that loads it) while this thread makes
+the GPU preprocessing (torchvision, nvJPEG) and the preprocessing thread starts reading and decoding; one forward of the budget's size (`warm_up`) pays the one-time costs of a process's first forward (lazy
 kernel loading, cuBLAS workspaces, Triton, and with `cuda_graphs` the capture of the graph most forwards replay).
 The preprocessing thread records a CUDA event after each chunk; a forward waits for the events of its own images'
 chunks only (not for the whole preprocessing stream, which by then holds the next chunks' work too). nvJPEG's batch
@@ -432,6 +432,29 @@ def chunks_on_device(
         yield chunk.entries
 
 
+class InThread:
+    """`function()` run in a daemon thread from now on (a daemon: an error elsewhere need not wait for it to end);
+    `result()` waits for it, then returns what it returned or raises what it raised."""
+
+    def __init__(self, function: Callable[[], Any]):
+        self.value, self.error = None, None
+
+        def run():
+            try:
+                self.value = function()
+            except BaseException as error:  # raised in the caller's thread by result()
+                self.error = error
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def result(self) -> Any:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 def in_background(
     items: Iterator, depth: int, stream: torch.cuda.Stream | None = None, clock: StageClock | None = None
 ) -> Iterator:
@@ -568,10 +591,10 @@ def encoded_results(
 ) -> Iterator[ForwardResult]:
     """The whole pipeline: samples -> results in input order (see the module docstring).
 
-    `model`: the tower, or a function of no arguments that loads it onto `device`: called once the workers and the
-    preprocessing thread run, so that the load overlaps the first images' reading and decoding. `clock`: gets the
-    host seconds of each stage and the start-up marks. `cuda_graphs`: the forwards replay CUDA graphs
-    (`enable_cuda_graphs`, one graph per size bucket, the usual one captured in the warm-up) where they apply.
+    `model`: the tower, or a function of no arguments that loads it onto `device`: called in a thread of its own once
+    the workers are forked, so that the load overlaps the GPU preprocessing's start and the first images' decoding.
+    `clock`: gets the host seconds of each stage and the start-up marks. `cuda_graphs`: the forwards replay CUDA
+    graphs (`enable_cuda_graphs`, one graph per size bucket, the usual one captured in the warm-up) where they apply.
     `jpeg_decoder`: the GPU path's JPEG decoder (`jpeg_decoders`)."""
     clock = clock or StageClock()
     if max_tokens < 1:
@@ -609,6 +632,10 @@ def encoded_results(
         if device.type != "cuda":
             GpuPreprocessing(processor, device)  # raises its "needs a CUDA device"
     chunks = batches(gpu_decode)
+    clock.mark("workers forked")
+    # The load from here on, beside the GPU preprocessing's making (torchvision's import, the CUDA context, nvJPEG)
+    # and the first chunks' decoding: most of it waits on the disk and the GPU, not on this thread.
+    loading = InThread(model) if callable(model) and not isinstance(model, torch.nn.Module) else None
     if gpu_decode:
         try:
             gpu = GpuPreprocessing(processor, device, jpeg_decoder)
@@ -616,8 +643,10 @@ def encoded_results(
             if preprocess == "gpu":
                 raise
             del chunks  # "auto": the CPU path after all; its workers are stopped
+            if loading is not None:  # the new workers fork once no other thread of ours runs CUDA work
+                model, loading = loading.result(), None
             chunks = batches(gpu_decode=False)
-    clock.mark("workers started")
+        clock.mark("GPU preprocessing ready")
     chunks = chunks_on_device(chunks, device, prepare.options, gpu, clock)
     streams = None
     if device.type == "cuda":
@@ -625,9 +654,9 @@ def encoded_results(
         # could otherwise keep them waiting (not measured on its own: RESULTS.md, encode job, session 8).
         streams = Streams(torch.cuda.Stream(device, priority=-100), torch.cuda.Stream(device))
         chunks = in_background(chunks, PREFETCH_CHUNKS, streams.preprocessing, clock)  # decoding starts now
-    if callable(model) and not isinstance(model, torch.nn.Module):
-        with clock.timing("forward: loading the model (the workers and the preprocessing run meanwhile)"):
-            model = model()
+    if loading is not None:
+        with clock.timing("forward: waiting for the model's load (the preprocessing runs meanwhile)"):
+            model = loading.result()
     clock.mark("model loaded")
     if device.type == "cuda":
         if cuda_graphs and getattr(model, "cuda_graphs", False) is None and max_tokens <= CUDA_GRAPH_MAX_TOKENS:

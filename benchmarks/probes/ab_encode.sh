@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU: does a change to the encode job (src/packed_vit) move its speed or its start-up? The CLI on an older
+# src/packed_vit and on this checkout's, interleaved old, new, old, new in one device call (a difference smaller
+# than the spread between the rounds of one side is noise): images/s from the first forward on (the corpus linked 4
+# times, 12000 JPEGs) and the start-up (128 JPEGs), each with its --profile; then transformers' own load, the
+# start-up goal's reference (bench_encode.transformers_startup), as many times.
+#   bash benchmarks/probes/ab_encode.sh OLD_TREE OUT_DIR [CONFIGS] [ROUNDS]
+#   OLD_TREE: made here with `mkdir -p .ab/old && git archive COMMIT src/packed_vit modeling configuration processing
+#   | tar -x -C .ab/old` (.ab ignored through .git/info/exclude, named in the device call's carry) -> .ab/old
+# Measured: a CLI run ~20-25 s (corpus4x), ~13 s (start-up); keep each device call under 10 minutes.
+set -uo pipefail
+old=$1 out=$2 configs=${3:-siglip2_256,aimv2_224} rounds=${4:-2}
+source benchmarks/device_env.sh
+python3 benchmarks/probes/encode_corpus.py "$configs"
+mkdir -p /tmp/pv_old/packed_vit /tmp/be/startup_corpus "$out"
+cp -r "$old"/src/packed_vit/. /tmp/pv_old/packed_vit/
+for sub in modeling configuration processing; do ln -sfn "$PWD/$old/$sub" /tmp/pv_old/packed_vit/$sub; done
+ls /tmp/be/corpus/*.jpg | head -128 | xargs -I{} ln -sf {} /tmp/be/startup_corpus/
+log=$out/ab_encode.log
+run() {  # side name corpus
+    local path=${PYTHONPATH:-}
+    [ "$1" = old ] && path=/tmp/pv_old${PYTHONPATH:+:$PYTHONPATH}
+    echo "[$2] $1 $(basename $3): $(PYTHONPATH=$path timeout 90 python3 -m packed_vit encode $3 --model /tmp/be/$2 \
+        --out /tmp/be/ab.safetensors --no-progress --profile 2>$out/last.err | tail -1)" | tee -a $log
+    grep -A12 "start-up and run" $out/last.err >> $out/profiles.log; rm -f /tmp/be/ab.safetensors*
+}
+for round in $(seq $rounds); do
+    for name in ${configs//,/ }; do
+        for side in old new; do run $side $name /tmp/be/corpus4x; done
+        for side in old new; do run $side $name /tmp/be/startup_corpus; done
+        echo "[$name] transformers' load: $(cd benchmarks && python3 -c "from bench_encode import *; \
+            print(transformers_startup(Path('/tmp/be/$name'), '$name'))")" | tee -a $log
+    done
+done
