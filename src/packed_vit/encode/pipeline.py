@@ -60,6 +60,7 @@ CHUNK = 16  # samples per worker task: large enough to amortise IPC, small enoug
 # their rate alone with 128 and 0.94-0.95 with 256; in the job's profile 128 vs 256 was within the run-to-run spread
 # (Siglip2 1948 vs 1921 images/s, AIMv2-224 1806 vs 1992: RESULTS.md, encode job).
 GPU_CHUNK = 128
+WORKER_PREFETCH = 4  # chunks each DataLoader worker keeps ready (its `prefetch_factor`)
 PREFETCH_CHUNKS = 3  # chunks preprocessed ahead of the forwards, on CUDA (`in_background`): >= 4 forwards at 256
 PIPELINE_DEPTH = 2  # forwards queued on the device before the host waits for the oldest one's results
 # Hardware work queues of the process's CUDA context (the driver reads the variable when it makes the context; at most
@@ -611,7 +612,7 @@ def encoded_results(
             batch_size=None,  # a worker's item is already a chunk
             num_workers=workers,
             pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
+            prefetch_factor=WORKER_PREFETCH if workers else None,
             persistent_workers=False,
         ))  # fmt: skip
 
