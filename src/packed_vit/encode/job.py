@@ -203,7 +203,9 @@ def warm_up_on_zero_weights(model_class, config, processor, max_tokens: int, dev
     the tower whose weights are zeros, so that the one-time costs of a process's first forward that need no weights
     (the kernels' lazy loading, the fused norms' Triton kernels, cuBLAS) are paid beside the load rather than after
     it (measured: RESULTS.md, encode job, session 12). The copy takes as much GPU memory as the weights while it
-    runs. Only a head start: whatever fails here is left to the pipeline's warm-up forward on the real weights."""
+    runs, and gives it back. Only a head start: whatever fails here is left to the pipeline's warm-up forward on the
+    real weights."""
+    skeleton = None
     try:
         with torch.device("meta"):
             skeleton = model_class(config).to(dtype)
@@ -215,6 +217,10 @@ def warm_up_on_zero_weights(model_class, config, processor, max_tokens: int, dev
         clock.mark("kernels warmed up (zero weights)")
     except Exception:  # noqa: BLE001 - see the docstring
         pass
+    finally:
+        del skeleton
+        if torch.cuda.is_initialized():  # its memory was cached for its own stream, which nothing else allocates on
+            torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ On CUDA the stages are threads with a queue between each, each stage on its own 
   -> forward (the caller's thread, PIPELINE_DEPTH forwards queued) -> results, in input order.
 Start-up, in this order: the workers are forked (before this process has a CUDA context, which makes forks slow);
 the model starts loading in a thread of its own (`model` may be a function that loads it) while this thread makes
-the GPU preprocessing (torchvision, nvJPEG) and the preprocessing thread starts reading and decoding; one forward of the budget's size (`warm_up`) pays the one-time costs of a process's first forward (lazy
-kernel loading, cuBLAS workspaces, Triton, and with `cuda_graphs` the capture of the graph most forwards replay).
+the GPU preprocessing (the CUDA context, nvJPEG) and the preprocessing thread starts reading and decoding; one
+forward of the budget's size (`warm_up`) pays the one-time costs of a process's first forward (lazy kernel loading,
+cuBLAS workspaces, Triton, and with `cuda_graphs` the capture of the graph most forwards replay; the job pays most
+of them beforehand, beside the load: `job.warm_up_on_zero_weights`).
 The preprocessing thread records a CUDA event after each chunk; a forward waits for the events of its own images'
 chunks only (not for the whole preprocessing stream, which by then holds the next chunks' work too). nvJPEG's batch
 decode returns only once its batch is decoded, so it must not run in the thread that queues the forwards, and
