@@ -179,6 +179,23 @@ def test_find_images_scans_folders_sorted_by_extension_and_takes_named_files(pho
     assert [p.relative_to(photo_folder).as_posix() for p in found] == expected + ["readme.md"]
 
 
+def test_folder_listing_sorts_by_path_keeps_dangling_links_and_does_not_enter_linked_folders(tmp_path):
+    for name in ["x.JPG", "y.png", "z.txt", "b/1.jpeg", "b/c/2.webp", "a/3.tif", "a b.jpg", "b/Z.gif", "b-x.jpg"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.jpg").mkdir()  # a folder with an image extension is no image
+    (tmp_path / "link.png").symlink_to(tmp_path / "y.png")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.png")  # reported and skipped when read
+    (tmp_path / "linked").symlink_to(tmp_path / "b")  # not entered: its images would come twice
+    (tmp_path / "folder_link.jpg").symlink_to(tmp_path / "folder.jpg")
+    found = find_images([tmp_path])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "a b.jpg", "a/3.tif", "b-x.jpg", "b/1.jpeg", "b/Z.gif", "b/c/2.webp", "dangling.jpg", "link.png", "x.JPG",
+        "y.png",
+    ]  # fmt: skip
+    assert all(p.parent == tmp_path or tmp_path in p.parents for p in found)
+
+
 # ---- token-budget packing ---------------------------------------------------------------------------------------
 
 

@@ -87,13 +87,28 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def files_in_folder(folder: Path) -> list[Path]:
-    """Image files under `folder` by extension, sorted; a dangling link too (a file that has vanished): it is
-    reported and skipped when read, not left out unnoticed."""
-    def listed(path: Path) -> bool:
-        return path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or path.is_symlink() and not path.exists())
+    """Image files under `folder` by extension, sorted by their path in it; a dangling link too (a file that has
+    vanished): it is reported and skipped when read, not left out unnoticed. Linked folders are not entered; a
+    folder that cannot be read is an error (PermissionError), not a silent gap.
 
-    files = (path for path in folder.rglob("*") if listed(path))
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())  # the same order on every run
+    Walked with os.scandir rather than Path.rglob: a directory entry knows its type without a stat for all but links,
+    and the sort key is built as a string (12000 files: 0.43 s through rglob, is_file and relative_to on the CPU
+    machine; RESULTS.md, encode job, session 12)."""
+    found = []  # (path relative to the folder, POSIX separators; path)
+    pending = [(os.fspath(folder), "")]
+    while pending:
+        directory, relative = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                name = relative + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((entry.path, name + "/"))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and (
+                    entry.is_file() or entry.is_symlink() and not os.path.exists(entry.path)
+                ):
+                    found.append((name, entry.path))
+    found.sort(key=lambda item: item[0])  # the same order on every run
+    return [Path(path) for _, path in found]
 
 
 def files_in_list(list_file: Path) -> list[Path]:
