@@ -100,3 +100,20 @@ def test_vlm_smoke_run_measures_both_towers_and_they_agree(tmp_path, one_thread)
         assert workload["tower_cosine"] > 0.999999 and workload["logits_cosine"] > 0.999999
         # on the CPU the graphs never replay: the eager packed tower, the same outputs
         assert workload["graphs_tower_cosine"] > 0.999999 and workload["graphs_logits_cosine"] > 0.999999
+
+
+def test_bench_encode_reads_the_start_up_marks_the_job_prints(capsys):
+    """bench_encode.startup_marks parses `packed-vit encode --profile`'s lines (job.print_profile), both sides here."""
+    from packed_vit.encode.job import print_profile
+    from packed_vit.encode.pipeline import StageClock
+
+    spec = importlib.util.spec_from_file_location("bench_encode", ROOT / "benchmarks" / "bench_encode.py")
+    bench_encode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_encode)
+    clock = StageClock()
+    clock.marks.update({"imports done": 110.0, "workers forked": 111.25})
+    clock.add("forward: launches", 1.5)
+    print_profile(clock, 100.0, 112.5, 114.0, "")
+    marks = bench_encode.startup_marks(capsys.readouterr().err.splitlines())
+    assert marks == {"process start": 0.0, "imports done": 10.0, "workers forked": 11.25, "first forward": 12.5,
+                     "end": 14.0}  # fmt: skip

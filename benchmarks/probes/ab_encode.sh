@@ -22,7 +22,7 @@ run() {  # side name corpus
     [ "$1" = old ] && path=/tmp/pv_old${PYTHONPATH:+:$PYTHONPATH}
     echo "[$2] $1 $(basename $3): $(PYTHONPATH=$path timeout 90 python3 -m packed_vit encode $3 --model /tmp/be/$2 \
         --out /tmp/be/ab.safetensors --no-progress --profile 2>$out/last.err | tail -1)" | tee -a $log
-    grep -A12 "start-up and run" $out/last.err >> $out/profiles.log; rm -f /tmp/be/ab.safetensors*
+    grep -A30 "start-up and run" $out/last.err >> $out/profiles.log; rm -f /tmp/be/ab.safetensors*
 }
 for round in $(seq $rounds); do
     for name in ${configs//,/ }; do
