@@ -636,12 +636,13 @@ def encoded_results(
             GpuPreprocessing(processor, device)  # raises its "needs a CUDA device"
     chunks = batches(gpu_decode)
     clock.mark("workers forked")
-    # The load from here on, beside the GPU preprocessing's making (torchvision's import, the CUDA context, nvJPEG)
-    # and the first chunks' decoding: most of it waits on the disk and the GPU, not on this thread.
+    # The load from here on, beside the GPU preprocessing's making (the CUDA context, nvJPEG) and the first chunks'
+    # decoding: most of it waits on the disk and the GPU, not on this thread.
     loading = InThread(model) if callable(model) and not isinstance(model, torch.nn.Module) else None
     if gpu_decode:
         try:
             gpu = GpuPreprocessing(processor, device, jpeg_decoder)
+            clock.mark("GPU preprocessing ready")
         except ValueError:  # no torchvision, or no nvJPEG in it, or no hardware JPEG engines
             if preprocess == "gpu":
                 raise
@@ -649,7 +650,6 @@ def encoded_results(
             if loading is not None:  # the new workers fork once no other thread of ours runs CUDA work
                 model, loading = loading.result(), None
             chunks = batches(gpu_decode=False)
-        clock.mark("GPU preprocessing ready")
     chunks = chunks_on_device(chunks, device, prepare.options, gpu, clock)
     streams = None
     if device.type == "cuda":
