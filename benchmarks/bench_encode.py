@@ -386,10 +386,11 @@ def preprocessing_check(paths, config_name: str, ours_processor) -> dict:
     family, fields, _, has_processor = CONFIGS[config_name]
     ours = GpuPreprocessing(ours_processor, torch.device("cuda"))
     theirs = transformers_processor(config_name) if has_processor else None
-    worst_patch, patch_means, worst_pixel, pixel_means = 0.0, [], 0, []
+    worst_patch, patch_means, worst_pixel, pixel_means, fused_equal = 0.0, [], 0, [], 0
     for path in paths:
         image = nvjpeg(path)
-        patches, grid = ours.patches(image)
+        patches, grid = ours.patches(image)  # the torch ops; and the job's fused kernels, which should be the same
+        fused_equal += ours.fused is not None and torch.equal(ours.many_patches([image])[0], patches)
         if theirs is not None:
             expected = theirs(image, return_tensors="pt", device="cuda")["pixel_values"][0]
             if family == "siglip2":
@@ -409,7 +410,8 @@ def preprocessing_check(paths, config_name: str, ours_processor) -> dict:
     return {"images": len(paths), f"max_abs_patch_difference_vs_{reference}": worst_patch,
             f"mean_abs_patch_difference_vs_{reference}": float(np.mean(patch_means)),
             "nvjpeg_vs_pil_max_pixel_difference": worst_pixel,
-            "nvjpeg_vs_pil_mean_pixel_difference": float(np.mean(pixel_means)), **hardware}  # fmt: skip
+            "nvjpeg_vs_pil_mean_pixel_difference": float(np.mean(pixel_means)),
+            "fused_kernels_images_equal_to_the_torch_ops": int(fused_equal), **hardware}  # fmt: skip
 
 
 def hardware_vs_pil(paths) -> dict:

@@ -24,6 +24,13 @@ from packed_vit.processing import Aimv2PackingImageProcessor, Siglip2PackingImag
 MIN_COSINE = 0.9999  # per image, fp32 model: only the decoder and the resize backend differ
 
 
+def both_paths(ours: GpuPreprocessing, image: torch.Tensor):
+    """(what, patches, grid) of `image` by the torch ops one by one and by `fused_preprocessing` (one image)."""
+    assert ours.fused is not None, "CUDA with Triton: the fused path applies"
+    pixels, (grid,) = ours.many_patches([image])
+    return [("torch ops", *ours.patches(image)), ("fused", pixels, grid)]
+
+
 def jpegs(folder: Path, count: int = 12) -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
@@ -45,11 +52,11 @@ def test_gpu_patches_equal_transformers_torchvision_backend_on_cuda(tmp_path, ma
     assert getattr(theirs, "backend", "torchvision") == "torchvision"
     for path in jpegs(tmp_path):
         image = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)), device="cuda")
-        patches, (_, h, w) = ours.patches(image)
         expected = theirs(image, return_tensors="pt", device="cuda")
-        assert tuple(expected["spatial_shapes"][0].tolist()) == (h, w)
-        difference = (patches - expected["pixel_values"][0, : h * w].to(patches.device)).abs().max().item()
-        assert difference <= 1e-6, f"{path.name}: max abs difference {difference}"
+        for what, patches, (_, h, w) in both_paths(ours, image):
+            assert tuple(expected["spatial_shapes"][0].tolist()) == (h, w)
+            difference = (patches - expected["pixel_values"][0, : h * w].to(patches.device)).abs().max().item()
+            assert difference <= 1e-6, f"{path.name}, {what}: max abs difference {difference}"
 
 
 @pytest.mark.parametrize("side", [224, 336])
@@ -63,12 +70,13 @@ def test_aimv2_fixed_size_gpu_patches_equal_clip_image_processor_torchvision_bac
     assert getattr(theirs, "backend", "torchvision") == "torchvision"
     for path in jpegs(tmp_path):
         image = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)), device="cuda")
-        patches, (_, h, w) = ours.patches(image)
         expected = theirs(image, return_tensors="pt", device="cuda")["pixel_values"][0]  # [3, side, side]
-        assert (h, w) == (side // 14, side // 14)
+        h = w = side // 14
         expected = expected.reshape(3, h, 14, w, 14).permute(1, 3, 2, 4, 0).reshape(h * w, -1)
-        difference = (patches - expected.to(patches.device)).abs().max().item()
-        assert difference <= 1e-6, f"{path.name}: max abs difference {difference}"
+        for what, patches, grid in both_paths(ours, image):
+            assert grid == (1, h, w)
+            difference = (patches - expected.to(patches.device)).abs().max().item()
+            assert difference <= 1e-6, f"{path.name}, {what}: max abs difference {difference}"
 
 
 def test_aimv2_native_gpu_patches_are_torchvisions_resize_and_normalize_at_our_grid(tmp_path):
@@ -84,14 +92,14 @@ def test_aimv2_native_gpu_patches_are_torchvisions_resize_and_normalize_at_our_g
     ours = GpuPreprocessing(processor, torch.device("cuda"))
     for path in jpegs(tmp_path):
         image = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)), device="cuda")
-        patches, grid = ours.patches(image)
-        assert grid == tuple(processor(image.permute(1, 2, 0).cpu().numpy())["grid_thw"][0])
+        grid = tuple(processor(image.permute(1, 2, 0).cpu().numpy())["grid_thw"][0])
         _, h, w = grid
         resized = tvF.resize(image, [h * 14, w * 14], interpolation=InterpolationMode.BICUBIC, antialias=True)
         mean, std = (torch.tensor(v, device="cuda") * 255.0 for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
         expected = tvF.normalize(resized.float(), mean, std)
         expected = expected.reshape(3, h, 14, w, 14).permute(1, 3, 2, 4, 0).reshape(h * w, -1)
-        assert torch.equal(patches, expected), path.name
+        for what, patches, ours_grid in both_paths(ours, image):
+            assert ours_grid == grid and torch.equal(patches, expected), f"{path.name}, {what}"
 
 
 @pytest.mark.parametrize("tower", ["siglip2", "aimv2_native", "aimv2_fixed"])
@@ -170,6 +178,41 @@ def test_a_chunk_is_normalized_at_once_to_the_same_bits_as_each_image(tmp_path, 
     for entry, image in zip(chunk.entries, decoded):
         patches, grid = ours.patches(image)
         assert entry.grid == grid and torch.equal(entry.pixels, patches), entry.name
+
+
+PROCESSORS = {
+    "siglip2_64": lambda: Siglip2PackingImageProcessor(max_num_patches=64),
+    "siglip2_256": lambda: Siglip2PackingImageProcessor(max_num_patches=256),
+    "siglip2_1024": lambda: Siglip2PackingImageProcessor(max_num_patches=1024),
+    "aimv2_224": lambda: Aimv2PackingImageProcessor(),
+    "aimv2_native": lambda: Aimv2PackingImageProcessor(is_native=True),
+}
+
+
+@pytest.mark.parametrize("config", list(PROCESSORS))
+def test_fused_preprocessing_gives_the_torch_ops_bits_for_a_chunk_of_every_kind_of_image(config, monkeypatch):
+    """Down- and upscaled, extreme aspect ratios, already at the target size (no resize), channel-last strides (as
+    nvImageCodec's images), in one call and in groups of a smaller row-sum budget: the same bits as the torch ops."""
+    from packed_vit.encode import fused_preprocessing
+
+    processor = PROCESSORS[config]()
+    fused, torch_ops = (GpuPreprocessing(processor, torch.device("cuda"), fused=f) for f in (True, False))
+    assert fused.fused is not None and torch_ops.fused is None
+    rng = np.random.default_rng(1)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(16, 1700, (14, 2))]
+    sizes += [(9, 700), (1600, 23), (31, 17), (224, 224), (256, 256), (448, 448), (1200, 1600), (1601, 1199)]
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)).cuda() for h, w in sizes]
+    images[3] = images[3].permute(1, 2, 0).contiguous().permute(2, 0, 1)  # [3, H, W] view of [H, W, 3]
+    expected, expected_grids = torch_ops.many_patches(images)
+    for budget in (fused_preprocessing.MAX_ROW_SUMS_BYTES, 8 << 20):
+        monkeypatch.setattr(fused_preprocessing, "MAX_ROW_SUMS_BYTES", budget)
+        pixels, grids = fused.many_patches(images)
+        assert grids == expected_grids
+        different = (pixels != expected).any(dim=1)
+        assert not different.any(), (
+            f"budget {budget}: {int(different.sum())} of {len(pixels)} patches differ, "
+            f"max {(pixels - expected).abs().max().item()}"
+        )
 
 
 def test_auto_takes_the_gpu_path_on_cuda(tmp_path):

@@ -28,11 +28,11 @@ class Preprocessing:
     """The job's GPU preprocessing (`GpuPreprocessing.prepare_chunk`) on the job's chunks of the files (read once,
     `ChunkDataset`: GPU_CHUNK JPEGs each), on its own stream, AHEAD chunks in flight."""
 
-    def __init__(self, processor, paths, jpeg_decoder: str = "auto"):
+    def __init__(self, processor, paths, jpeg_decoder: str = "auto", fused: bool = True):
         from packed_vit.encode.gpu_preprocessing import GpuPreprocessing
         from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource
 
-        self.gpu = GpuPreprocessing(processor, torch.device("cuda"), jpeg_decoder)
+        self.gpu = GpuPreprocessing(processor, torch.device("cuda"), jpeg_decoder, fused)
         source = PairsSource([(str(p), str(p)) for p in paths])
         self.chunks = list(ChunkDataset(source, CpuPreparation(processor), gpu_decode=True))
         self.stream = torch.cuda.Stream(priority=-100)

@@ -5,7 +5,8 @@ as `decode_beside_forwards.py` runs it) with torch's profiler, CUDA activities, 
 
     python3 benchmarks/probes/preprocessing_kernels.py CHECKPOINT CORPUS_DIR [IMAGES] [DECODERS]
 
-DECODERS: comma-separated `--jpeg-decoder` values (default nvjpeg). The hardware engines' own work is not a kernel:
+DECODERS: comma-separated `--jpeg-decoder` values (default nvjpeg), each with `:torch-ops` for the resize and
+normalize by torch's ops image by image instead of `fused_preprocessing`'s two launches per chunk. The hardware engines' own work is not a kernel:
 it shows only as the wall time the kernels leave uncovered.
 """
 
@@ -28,7 +29,8 @@ if __name__ == "__main__":
     _, processor = load_config_and_processor(checkpoint)
     paths = sorted(corpus.glob("*.jpg"))[:count]
     for decoder in decoders:
-        pre = Preprocessing(processor, paths, decoder)
+        name, _, variant = decoder.partition(":")
+        pre = Preprocessing(processor, paths, name, fused=variant != "torch-ops")
         pre.run(seconds=1.0)  # warm-up: nvJPEG's buffers, the resize kernels
         torch.cuda.synchronize()
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

@@ -26,6 +26,7 @@ import PIL.Image
 import torch
 
 from .inputs import Sample, read_image
+from .fused_preprocessing import FusedChunkPreprocessing
 from .jpeg_decoders import make_jpeg_decoder
 from .pipeline import StageClock
 
@@ -164,6 +165,22 @@ class TorchPreprocessing:
             image = center_crop(image, options["crop_size"]["height"], options["crop_size"]["width"])
         return image
 
+    def crop_window(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the model image in the resized one of `height` x `width`: `center_crop`'s
+        window (larger than the image: it pads), or the whole image where there is no crop."""
+        options = self.options
+        if self.tower == "aimv2" and not options["is_native"] and options["do_center_crop"]:
+            crop_h, crop_w = options["crop_size"]["height"], options["crop_size"]["width"]
+            return int((height - crop_h) / 2.0), int((width - crop_w) / 2.0), crop_h, crop_w
+        return 0, 0, height, width
+
+    def check_whole_patches(self, height: int, width: int) -> None:
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Image of {height}x{width} pixels is not a whole number of {self.patch_size}x{self.patch_size} "
+                "patches: keep do_resize (or do_center_crop) on"
+            )  # the CPU processor's `patchify` refuses it the same way
+
     def resized_patches(
         self, image: torch.Tensor, size: tuple[int, int] | None = None, finish: bool = True
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -171,11 +188,7 @@ class TorchPreprocessing:
         `size`: `target_size` of the image, if already known; `finish`: see `resize`."""
         image, patch_size = self.model_image(image, size, finish), self.patch_size
         channels, height, width = image.shape
-        if height % patch_size or width % patch_size:
-            raise ValueError(
-                f"Image of {height}x{width} pixels is not a whole number of {patch_size}x{patch_size} patches: "
-                "keep do_resize (or do_center_crop) on"
-            )  # the CPU processor's `patchify` refuses it the same way
+        self.check_whole_patches(height, width)
         rows, cols = height // patch_size, width // patch_size
         patches = image.reshape(channels, rows, patch_size, cols, patch_size).permute(1, 3, 2, 4, 0)
         return patches.reshape(rows * cols, -1), (1, rows, cols)
@@ -201,9 +214,11 @@ class TorchPreprocessing:
 
 class GpuPreprocessing(TorchPreprocessing):
     """`TorchPreprocessing` on a CUDA device, with whole chunks of JPEGs decoded there by `decoder`
-    (`jpeg_decoders.make_jpeg_decoder(jpeg_decoder, device)`: "auto", "nvjpeg" or "nvimgcodec")."""
+    (`jpeg_decoders.make_jpeg_decoder(jpeg_decoder, device)`: "auto", "nvjpeg" or "nvimgcodec"), and resized,
+    cropped and normalized by `fused_preprocessing` in two launches per chunk where it applies (`fused`: bilinear
+    or bicubic filters, with Triton), to the same bits as the torch ops, which run otherwise."""
 
-    def __init__(self, processor, device: torch.device, jpeg_decoder: str = "auto"):
+    def __init__(self, processor, device: torch.device, jpeg_decoder: str = "auto", fused: bool = True):
         if device.type != "cuda":
             raise ValueError("GPU preprocessing needs a CUDA device: use --preprocess cpu on this one")
         super().__init__(processor)
@@ -211,6 +226,8 @@ class GpuPreprocessing(TorchPreprocessing):
         self.decoder = make_jpeg_decoder(jpeg_decoder, device)
         self.mean = self.mean.to(device) if self.mean is not None else None
         self.std = self.std.to(device) if self.std is not None else None
+        self.fused = FusedChunkPreprocessing.for_options(self.mode, self.options, self.mean, self.std, device) \
+            if fused else None  # fmt: skip
 
     def prepare_chunk(self, chunk, clock: StageClock | None = None) -> None:
         """Sets `pixels` and `grid` of the chunk's GPU-path entries; a JPEG nvJPEG cannot decode becomes a skip.
@@ -220,11 +237,11 @@ class GpuPreprocessing(TorchPreprocessing):
         with clock.timing("decode: JPEG batches (host waits)"):
             decoded = self.decoder.decode([chunk.encoded[entry.rows] for entry in jpegs])
         with clock.timing("preprocess: resize + normalize launches"):
-            images = dict(zip(map(id, jpegs), decoded))
-            mine, pieces = [], []
+            decoded = dict(zip(map(id, jpegs), decoded))
+            mine, images = [], []
             for entry in chunk.entries:
                 if entry.kind == "jpeg":
-                    image = images[id(entry)]
+                    image = decoded[id(entry)]
                     if isinstance(image, Exception):
                         entry.kind, entry.why = "skip", f"{type(image).__name__}: {image}"
                         continue
@@ -232,16 +249,36 @@ class GpuPreprocessing(TorchPreprocessing):
                     image = chunk.decoded[entry.rows.start].to(self.device, non_blocking=True)
                 else:
                     continue
-                known = entry.resize_to if tuple(image.shape[1:]) == tuple(entry.size) else None
-                patches, entry.grid = self.resized_patches(image, known, finish=False)
                 mine.append(entry)
-                pieces.append(patches)
+                images.append(image)
             if not mine:
                 return
-            pixels = torch.cat(pieces)  # float32 where any image was resized (uint8 ones exactly converted)
-            pixels = self.normalized(self.finish_resize(pixels) if pixels.is_floating_point() else pixels)
+            sizes = [entry.resize_to if tuple(image.shape[1:]) == tuple(entry.size) else None
+                     for entry, image in zip(mine, images)]  # fmt: skip
+            pixels, grids = self.many_patches(images, sizes)
             start = 0
-            for entry, patches in zip(mine, pieces):
-                entry.pixels, entry.block = pixels[start : start + len(patches)], pixels
-                start += len(patches)
+            for entry, grid in zip(mine, grids):
+                entry.grid, rows = grid, grid[1] * grid[2]
+                entry.pixels, entry.block = pixels[start : start + rows], pixels
+                start += rows
 
+    def many_patches(self, images: list[torch.Tensor], sizes: list | None = None):
+        """[3, H, W] uint8 CUDA images -> (float32 patches of them all, image after image; their grids), as
+        `patches` makes them one by one: by `fused_preprocessing` where it applies, else by the torch ops (their
+        resized values normalized at once). `sizes`: each image's `target_size` where already known, else None."""
+        sizes = sizes or [None] * len(images)
+        sizes = [size or self.target_size(image.shape[1], image.shape[2]) for image, size in zip(images, sizes)]
+        if self.fused is not None:
+            crops = [self.crop_window(*size) for size in sizes]
+            if all(height <= size[0] and width <= size[1] for size, (_, _, height, width) in zip(sizes, crops)):
+                for _, _, height, width in crops:  # (the crop's zero padding, of images smaller than it: torch's)
+                    self.check_whole_patches(height, width)
+                grids = [(1, height // self.patch_size, width // self.patch_size) for _, _, height, width in crops]
+                return self.fused.patches(images, sizes, crops), grids
+        pieces, grids = [], []
+        for image, size in zip(images, sizes):
+            patches, grid = self.resized_patches(image, size, finish=False)
+            pieces.append(patches)
+            grids.append(grid)
+        pixels = torch.cat(pieces)  # float32 where any image was resized (uint8 ones exactly converted)
+        return self.normalized(self.finish_resize(pixels) if pixels.is_floating_point() else pixels), grids
