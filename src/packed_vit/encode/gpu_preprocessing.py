@@ -256,11 +256,8 @@ class GpuPreprocessing(TorchPreprocessing):
             sizes = [entry.resize_to if tuple(image.shape[1:]) == tuple(entry.size) else None
                      for entry, image in zip(mine, images)]  # fmt: skip
             pixels, grids = self.many_patches(images, sizes)
-            start = 0
-            for entry, grid in zip(mine, grids):
-                entry.grid, rows = grid, grid[1] * grid[2]
-                entry.pixels, entry.block = pixels[start : start + rows], pixels
-                start += rows
+            for entry, grid, patches in zip(mine, grids, pixels.split([h * w for _, h, w in grids])):
+                entry.grid, entry.pixels, entry.block = grid, patches, pixels
 
     def many_patches(self, images: list[torch.Tensor], sizes: list | None = None):
         """[3, H, W] uint8 CUDA images -> (float32 patches of them all, image after image; their grids), as
