@@ -77,19 +77,26 @@ if triton is not None:
         return tl.where(total != 0.0, tl.math.div_rn(w, total), w)
 
     @triton.jit
-    def _rows_kernel(images_ptr, tiles_ptr, sums_ptr, BICUBIC: tl.constexpr, BLOCK_Y: tl.constexpr,
-                     BLOCK_X: tl.constexpr):  # fmt: skip
-        """sums[image][c][y][x] = the horizontal window sum of input row y at output column x (after the crop)."""
+    def _tile(images_ptr, tiles_ptr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
+        """This program's image (its row of the table) and its tile: rows y (input rows for `_rows_kernel`, output
+        rows for `_columns_kernel`) and output columns x, BLOCK_X of them per tile across the crop's width."""
         image = tl.load(tiles_ptr + 2 * tl.program_id(0))
         tile = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
         meta = images_ptr + image * FIELDS
+        tiles_x = tl.cdiv(tl.load(meta + OUT_W), BLOCK_X)
+        y = (tile // tiles_x) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+        x = (tile % tiles_x) * BLOCK_X + tl.arange(0, BLOCK_X)
+        return meta, y, x
+
+    @triton.jit
+    def _rows_kernel(images_ptr, tiles_ptr, sums_ptr, BICUBIC: tl.constexpr, BLOCK_Y: tl.constexpr,
+                     BLOCK_X: tl.constexpr):  # fmt: skip
+        """sums[image][c][y][x] = the horizontal window sum of input row y at output column x (after the crop)."""
+        meta, y, x = _tile(images_ptr, tiles_ptr, BLOCK_Y, BLOCK_X)
         source = tl.load(meta + SOURCE).to(tl.pointer_type(tl.uint8))
         stride_c, stride_y, stride_x = tl.load(meta + STRIDE_C), tl.load(meta + STRIDE_Y), tl.load(meta + STRIDE_X)
         in_h, in_w, resized_w = tl.load(meta + IN_H), tl.load(meta + IN_W), tl.load(meta + RESIZED_W)
         left, out_w, rows_at = tl.load(meta + LEFT), tl.load(meta + OUT_W), tl.load(meta + ROWS_AT)
-        tiles_x = tl.cdiv(out_w, BLOCK_X)
-        y = (tile // tiles_x) * BLOCK_Y + tl.arange(0, BLOCK_Y)
-        x = (tile % tiles_x) * BLOCK_X + tl.arange(0, BLOCK_X)
         first, length, bound, first_minus_center, invscale = _window(x + left, in_w, resized_w, BICUBIC)
         total = _weight_sum(length, bound, first_minus_center, invscale, BICUBIC)
         inside = (y < in_h)[:, None] & (x < out_w)[None, :]
@@ -116,15 +123,10 @@ if triton is not None:
     def _columns_kernel(images_ptr, tiles_ptr, sums_ptr, patches_ptr, mean_ptr, std_ptr, BICUBIC: tl.constexpr,
                         PATCH: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):  # fmt: skip
         """patches[...] = normalize(round(the vertical window sum of the row sums)), channel last in each patch."""
-        image = tl.load(tiles_ptr + 2 * tl.program_id(0))
-        tile = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
-        meta = images_ptr + image * FIELDS
+        meta, y, x = _tile(images_ptr, tiles_ptr, BLOCK_Y, BLOCK_X)
         in_h, resized_h, top = tl.load(meta + IN_H), tl.load(meta + RESIZED_H), tl.load(meta + TOP)
         out_h, out_w = tl.load(meta + OUT_H), tl.load(meta + OUT_W)
         rows_at, patch_at = tl.load(meta + ROWS_AT), tl.load(meta + PATCH_AT)
-        tiles_x = tl.cdiv(out_w, BLOCK_X)
-        y = (tile // tiles_x) * BLOCK_Y + tl.arange(0, BLOCK_Y)
-        x = (tile % tiles_x) * BLOCK_X + tl.arange(0, BLOCK_X)
         first, length, bound, first_minus_center, invscale = _window(y + top, in_h, resized_h, BICUBIC)
         total = _weight_sum(length, bound, first_minus_center, invscale, BICUBIC)
         inside = (y < out_h)[:, None] & (x < out_w)[None, :]

@@ -2,11 +2,13 @@
 
 Workers only read the files (and the image header, to tell JPEGs from the rest). In the pipeline's preprocessing
 thread JPEGs are decoded on the GPU by `jpeg_decoders` (nvJPEG, nvImageCodec), a batch per chunk; others arrive decoded
-by PIL. Each image is then resized (and, for fixed-size AIMv2, center cropped), rescaled and normalized with the
-torch operations of transformers' torchvision backend (`Siglip2ImageProcessor`; `CLIPImageProcessor` for AIMv2):
+by PIL. Each image is then resized (and, for fixed-size AIMv2, center cropped), rescaled and normalized as the
+torch operations of transformers' torchvision backend do it (`Siglip2ImageProcessor`; `CLIPImageProcessor` for AIMv2):
 `tvF.resize` with antialias, the backend's center crop, `tvF.normalize` with mean and std divided by the rescale
 factor, in float32. Where to resize to is our processors' rule: `naflex_grid` (Siglip2), `fixed_size` + crop (AIMv2
 224/336/448, = CLIPImageProcessor's), `native_grid` (AIMv2 native, which transformers has no processor for).
+`TorchPreprocessing` runs those torch operations image by image; on CUDA with Triton, `GpuPreprocessing` runs a whole
+chunk through `fused_preprocessing`'s two launches instead, to the same bits (tests/test_encode_gpu.py).
 
 Exactness: on CUDA the patches equal the torchvision backend's run on the same device for the same decoded pixels
 (tests/test_encode_gpu.py). The pixel code (`TorchPreprocessing`) is plain torch and runs on any device; on the CPU
