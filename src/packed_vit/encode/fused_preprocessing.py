@@ -19,6 +19,8 @@ once per output row. Tested against `TorchPreprocessing` to the bit (tests/test_
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -224,10 +226,12 @@ class FusedChunkPreprocessing:
         rows = table[meta.size : meta.size + len(row_tiles)]
         columns = table[meta.size + len(row_tiles) :]
         sums = torch.empty(int(sums_sizes.sum()), device=device)
-        _rows_kernel[(len(row_tiles) // 2,)](
-            images, rows, sums, BICUBIC=self.bicubic, BLOCK_Y=ROWS_BLOCK_Y, BLOCK_X=ROWS_BLOCK_X
-        )
-        _columns_kernel[(len(column_tiles) // 2,)](
-            images, columns, sums, patches, self.mean, self.std, BICUBIC=self.bicubic, PATCH=self.patch_size,
-            BLOCK_Y=COLUMNS_BLOCK_Y, BLOCK_X=COLUMNS_BLOCK_X,
-        )  # fmt: skip
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            # Triton launches on the thread's current device (and its current stream), not the tensors' device
+            _rows_kernel[(len(row_tiles) // 2,)](
+                images, rows, sums, BICUBIC=self.bicubic, BLOCK_Y=ROWS_BLOCK_Y, BLOCK_X=ROWS_BLOCK_X
+            )
+            _columns_kernel[(len(column_tiles) // 2,)](
+                images, columns, sums, patches, self.mean, self.std, BICUBIC=self.bicubic, PATCH=self.patch_size,
+                BLOCK_Y=COLUMNS_BLOCK_Y, BLOCK_X=COLUMNS_BLOCK_X,
+            )  # fmt: skip
