@@ -35,7 +35,7 @@ def per_call_us(launch, calls: int) -> float:
 if __name__ == "__main__":
     tokens, width, calls = (int(a) for a in (sys.argv[1:] + ["256", "1152", "5000"])[:3])
     x, delta = (torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    weight, bias = torch.randn(width, device="cuda", dtype=torch.bfloat16), torch.randn(width, device="cuda", dtype=torch.bfloat16)
+    weight, bias = (torch.randn(width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     summed, out = torch.empty_like(x), torch.empty_like(x)
     block = fused_norm.triton.next_power_of_2(width)
     args = (x, delta, summed, out, weight, bias, width, 1e-6)
@@ -51,7 +51,8 @@ if __name__ == "__main__":
     same = torch.equal(summed, expected[0]) and torch.equal(out, expected[1])
 
     times = {
-        "fused_add_norm (as the towers call it)": lambda: fused_norm.fused_add_norm(x, delta, weight, bias, 1e-6, False),
+        "fused_add_norm (as the towers call it)": lambda: fused_norm.fused_add_norm(x, delta, weight, bias, 1e-6,
+                                                                                   False),
         "kernel[grid](...) alone": lambda: fused_norm._add_norm_kernel[(tokens,)](*args, **constexprs),
         "CompiledKernel[grid](...)": lambda: runner(*args, stream=stream),
         "torch add + layer_norm": lambda: torch.nn.functional.layer_norm(x + delta, (width,), weight, bias, 1e-6),
