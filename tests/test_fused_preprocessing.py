@@ -32,23 +32,31 @@ def check_in_interpreter() -> None:
         "aimv2 native (bicubic)": Aimv2PackingImageProcessor(is_native=True, min_num_patches=4, max_num_patches=12),
     }
     for name, processor in processors.items():
-        ours = TorchPreprocessing(processor)
-        fused = FusedChunkPreprocessing(ours.mode == "bicubic", ours.patch_size, ours.mean, ours.std)
+        ours, fused = TorchPreprocessing(processor), TorchPreprocessing(processor)
+        fused.fused = FusedChunkPreprocessing(ours.mode == "bicubic", ours.patch_size, ours.mean, ours.std)
         sizes = [(int(h), int(w)) for h, w in rng.integers(20, 90, (3, 2))] + [(9, 13), (64, 48)]
         images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
         images[1] = images[1].permute(1, 2, 0).contiguous().permute(2, 0, 1)  # channel-last strides
-        resized = [ours.target_size(h, w) for h, w in sizes]
-        crops = [ours.crop_window(*size) for size in resized]
-        expected = torch.cat([ours.patches(image)[0] for image in images])
+        expected, expected_grids = ours.many_patches(images)
+        assert torch.equal(expected, torch.cat([ours.patches(image)[0] for image in images])), name
         for budget in (fused_preprocessing.MAX_ROW_SUMS_BYTES, 16 << 10):  # one group; groups of one or two images
             fused_preprocessing.MAX_ROW_SUMS_BYTES = budget
-            pixels = fused.patches(images, resized, crops)
-            assert pixels.shape == expected.shape, (name, pixels.shape, expected.shape)
+            pixels, grids = fused.many_patches(images)
+            assert grids == expected_grids and pixels.shape == expected.shape, (name, pixels.shape, expected.shape)
             off = (pixels - expected).abs()
             assert off.max() <= LEVEL * 1.01, f"{name}, budget {budget}: max difference {off.max()} (a level: {LEVEL})"
             share = (off > 1e-6).float().mean().item()
             assert share <= MAX_SHARE_OFF, f"{name}, budget {budget}: {share:.2%} of the values differ"
         fused_preprocessing.MAX_ROW_SUMS_BYTES = 256 << 20
+
+    # An image smaller than the crop (resized to 20 on its short side, cropped to 28) is zero padded: the chunk goes
+    # by the torch ops, to their bits, whatever `fused` is
+    processor = Aimv2PackingImageProcessor(size={"shortest_edge": 20}, crop_size=28)
+    ours, fused = TorchPreprocessing(processor), TorchPreprocessing(processor)
+    fused.fused = FusedChunkPreprocessing(True, ours.patch_size, ours.mean, ours.std)
+    fused.fused.patches = None  # must not be called
+    images = [torch.from_numpy(rng.integers(0, 256, (3, 30, 50), dtype=np.uint8))]
+    assert torch.equal(fused.many_patches(images)[0], ours.many_patches(images)[0])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")

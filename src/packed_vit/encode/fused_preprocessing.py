@@ -207,13 +207,12 @@ class FusedChunkPreprocessing:
         while start < len(images):  # groups of images whose row sums fit MAX_ROW_SUMS_BYTES (at least one image)
             fits = np.cumsum(sums_sizes[start:]) * 4 <= MAX_ROW_SUMS_BYTES
             stop = start + max(1, int(fits.sum()))
-            self._launch(meta[start:stop], patches, device)
+            self._launch(meta[start:stop], sums_sizes[start:stop], patches, device)
             start = stop
         return patches
 
-    def _launch(self, meta: np.ndarray, patches: torch.Tensor, device: torch.device) -> None:
-        meta = meta.copy()
-        sums_sizes = 3 * meta[:, IN_H] * meta[:, OUT_W]
+    def _launch(self, meta: np.ndarray, sums_sizes: np.ndarray, patches: torch.Tensor, device: torch.device) -> None:
+        meta = meta.copy()  # its rows' ROWS_AT: within this group's row sums
         meta[:, ROWS_AT] = np.cumsum(sums_sizes) - sums_sizes
         row_tiles = _tiles(-(-meta[:, IN_H] // ROWS_BLOCK_Y) * -(-meta[:, OUT_W] // ROWS_BLOCK_X))
         column_tiles = _tiles(-(-meta[:, OUT_H] // COLUMNS_BLOCK_Y) * -(-meta[:, OUT_W] // COLUMNS_BLOCK_X))

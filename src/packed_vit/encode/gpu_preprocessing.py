@@ -78,8 +78,13 @@ def center_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
         padding = (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2)  # left, right, top, bottom
         image = torch.nn.functional.pad(image, padding)
         image_height, image_width = image.shape[-2:]
-    top, left = int((image_height - height) / 2.0), int((image_width - width) / 2.0)
+    top, left = center_crop_offsets(image_height, image_width, height, width)
     return image[..., top : top + height, left : left + width]
+
+
+def center_crop_offsets(image_height: int, image_width: int, height: int, width: int) -> tuple[int, int]:
+    """(top, left) of the backend's center crop window in an image at least as large as it."""
+    return int((image_height - height) / 2.0), int((image_width - width) / 2.0)
 
 
 class TorchPreprocessing:
@@ -88,6 +93,8 @@ class TorchPreprocessing:
     Per image only the resize (and crop) runs, at the image's own sizes; the patches of many images are then
     normalized in one pass (`normalized`). Normalizing is elementwise per channel, so normalizing the patches equals
     normalizing the image and then cutting it, to the bit."""
+
+    fused: FusedChunkPreprocessing | None = None  # `many_patches`' kernels: `GpuPreprocessing` sets them on CUDA
 
     def __init__(self, processor):
         self.tower = tower_of_processor(processor)
@@ -162,19 +169,27 @@ class TorchPreprocessing:
         size = size or self.target_size(image.shape[1], image.shape[2])
         if size is not None:
             image = self.resize(image, *size, finish=finish)
-        options = self.options
-        if self.tower == "aimv2" and not options["is_native"] and options["do_center_crop"]:
-            image = center_crop(image, options["crop_size"]["height"], options["crop_size"]["width"])
+        if self.crop_size is not None:
+            image = center_crop(image, *self.crop_size)
         return image
 
-    def crop_window(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(top, left, height, width) of the model image in the resized one of `height` x `width`: `center_crop`'s
-        window (larger than the image: it pads), or the whole image where there is no crop."""
+    @property
+    def crop_size(self) -> tuple[int, int] | None:
+        """(height, width) of the center crop after the resize (fixed-size AIMv2), or None: no crop."""
         options = self.options
         if self.tower == "aimv2" and not options["is_native"] and options["do_center_crop"]:
-            crop_h, crop_w = options["crop_size"]["height"], options["crop_size"]["width"]
-            return int((height - crop_h) / 2.0), int((width - crop_w) / 2.0), crop_h, crop_w
-        return 0, 0, height, width
+            return options["crop_size"]["height"], options["crop_size"]["width"]
+        return None
+
+    def crop_window(self, height: int, width: int) -> tuple[int, int, int, int] | None:
+        """(top, left, height, width) of the model image in the resized one of `height` x `width`: `center_crop`'s
+        window, or the whole image where there is no crop. None where the crop is larger than the image (it pads)."""
+        if self.crop_size is None:
+            return 0, 0, height, width
+        crop_h, crop_w = self.crop_size
+        if crop_h > height or crop_w > width:
+            return None
+        return *center_crop_offsets(height, width, crop_h, crop_w), crop_h, crop_w
 
     def check_whole_patches(self, height: int, width: int) -> None:
         if height % self.patch_size or width % self.patch_size:
@@ -194,6 +209,27 @@ class TorchPreprocessing:
         rows, cols = height // patch_size, width // patch_size
         patches = image.reshape(channels, rows, patch_size, cols, patch_size).permute(1, 3, 2, 4, 0)
         return patches.reshape(rows * cols, -1), (1, rows, cols)
+
+    def many_patches(self, images: list[torch.Tensor], sizes: list | None = None):
+        """[3, H, W] uint8 images -> (float32 patches of them all, image after image; their grids), as `patches`
+        makes them one by one: by `fused` (`fused_preprocessing`) where it is set and applies, else by the torch ops
+        (their resized values normalized at once). `sizes`: each image's `target_size` where known, else None."""
+        sizes = sizes or [None] * len(images)
+        sizes = [size or self.target_size(image.shape[1], image.shape[2]) for image, size in zip(images, sizes)]
+        if self.fused is not None:
+            crops = [self.crop_window(*size) for size in sizes]
+            if None not in crops:  # an image smaller than the crop is zero padded: only the torch ops do that
+                for _, _, height, width in crops:
+                    self.check_whole_patches(height, width)
+                grids = [(1, height // self.patch_size, width // self.patch_size) for _, _, height, width in crops]
+                return self.fused.patches(images, sizes, crops), grids
+        pieces, grids = [], []
+        for image, size in zip(images, sizes):
+            patches, grid = self.resized_patches(image, size, finish=False)
+            pieces.append(patches)
+            grids.append(grid)
+        pixels = torch.cat(pieces)  # float32 where any image was resized (uint8 ones exactly converted)
+        return self.normalized(self.finish_resize(pixels) if pixels.is_floating_point() else pixels), grids
 
     def normalized(self, patches: torch.Tensor) -> torch.Tensor:
         """uint8 patches [n, p*p*3] (or float32 ones of the same values, `finish_resize`'s: normalized in place) ->
@@ -260,24 +296,3 @@ class GpuPreprocessing(TorchPreprocessing):
             pixels, grids = self.many_patches(images, sizes)
             for entry, grid, patches in zip(mine, grids, pixels.split([h * w for _, h, w in grids])):
                 entry.grid, entry.pixels, entry.block = grid, patches, pixels
-
-    def many_patches(self, images: list[torch.Tensor], sizes: list | None = None):
-        """[3, H, W] uint8 CUDA images -> (float32 patches of them all, image after image; their grids), as
-        `patches` makes them one by one: by `fused_preprocessing` where it applies, else by the torch ops (their
-        resized values normalized at once). `sizes`: each image's `target_size` where already known, else None."""
-        sizes = sizes or [None] * len(images)
-        sizes = [size or self.target_size(image.shape[1], image.shape[2]) for image, size in zip(images, sizes)]
-        if self.fused is not None:
-            crops = [self.crop_window(*size) for size in sizes]
-            if all(height <= size[0] and width <= size[1] for size, (_, _, height, width) in zip(sizes, crops)):
-                for _, _, height, width in crops:  # (the crop's zero padding, of images smaller than it: torch's)
-                    self.check_whole_patches(height, width)
-                grids = [(1, height // self.patch_size, width // self.patch_size) for _, _, height, width in crops]
-                return self.fused.patches(images, sizes, crops), grids
-        pieces, grids = [], []
-        for image, size in zip(images, sizes):
-            patches, grid = self.resized_patches(image, size, finish=False)
-            pieces.append(patches)
-            grids.append(grid)
-        pixels = torch.cat(pieces)  # float32 where any image was resized (uint8 ones exactly converted)
-        return self.normalized(self.finish_resize(pixels) if pixels.is_floating_point() else pixels), grids
