@@ -6,8 +6,8 @@ as `decode_beside_forwards.py` runs it) with torch's profiler, CUDA activities, 
     python3 benchmarks/probes/preprocessing_kernels.py CHECKPOINT CORPUS_DIR [IMAGES] [DECODERS]
 
 DECODERS: comma-separated `--jpeg-decoder` values (default nvjpeg), each with `:torch-ops` for the resize and
-normalize by torch's ops image by image instead of `fused_preprocessing`'s two launches per chunk. The hardware engines' own work is not a kernel:
-it shows only as the wall time the kernels leave uncovered.
+normalize by torch's ops image by image instead of `fused_preprocessing`'s two launches per chunk. The hardware
+engines' own work is not a kernel: it shows only as the wall time the kernels leave uncovered.
 """
 
 import sys
