@@ -177,10 +177,13 @@ def transformers_user(paths, checkpoint: Path, config_name: str) -> dict:
 MODE_OPTIONS = {"graphs": ["--cuda-graphs"], "hw": ["--jpeg-decoder", "nvimgcodec"]}
 
 
-def run_cli(corpus: Path, checkpoint: Path, out: Path, mode: str) -> dict:
+def run_cli(corpus: Path, checkpoint: Path, out: Path, mode: str, max_tokens: int | None = None) -> dict:
+    """The CLI as a user runs it; `max_tokens`: its --max-tokens (None: the job's default)."""
     preprocess, *options = mode.split("-")
+    budget = [] if max_tokens is None else ["--max-tokens", str(max_tokens)]
     arguments = ["encode", str(corpus), "--model", str(checkpoint), "--out", str(out), "--no-progress",
-                 "--preprocess", preprocess, "--profile", *(a for o in options for a in MODE_OPTIONS[o])]  # fmt: skip
+                 "--preprocess", preprocess, "--profile", *budget,
+                 *(a for o in options for a in MODE_OPTIONS[o])]  # fmt: skip
     command = [sys.executable, "-c", RUN_AND_REPORT_RSS, *arguments]
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
@@ -198,15 +201,14 @@ def run_cli(corpus: Path, checkpoint: Path, out: Path, mode: str) -> dict:
             "printed": line, "profile": run.stderr[run.stderr.find("start-up and run"):].splitlines()[:40]}  # fmt: skip
 
 
-def packed_batches(paths, processor):
+def packed_batches(paths, processor, max_tokens: int):
     """The processor's patches of every image (in a process pool), packed as `encode` packs them."""
     from packed_vit.encode import token_budget_batches
-    from packed_vit.encode.job import DEFAULT_MAX_TOKENS
 
     # forkserver: this process holds a CUDA context by now, which forked children must not inherit
     with get_context("forkserver").Pool(os.cpu_count()) as pool:
         prepared = pool.map(_process, [(processor, p) for p in paths], chunksize=8)
-    return list(token_budget_batches(prepared, DEFAULT_MAX_TOKENS, tokens=lambda item: len(item[0])))
+    return list(token_budget_batches(prepared, max_tokens, tokens=lambda item: len(item[0])))
 
 
 def _process(job):
@@ -233,11 +235,10 @@ def forwards_alone(model, batches) -> dict:
     return {"images": images, "forwards": len(batches), "seconds": seconds, "images_per_s": images / seconds}
 
 
-def profile_pipeline(model, processor, paths, variant: str) -> dict:
+def profile_pipeline(model, processor, paths, variant: str, max_tokens: int) -> dict:
     """Our pipeline in this process, GPU path, with its StageClock: where each thread's time went. `variant`:
     "CHUNK[:DECODER[:graphs]]" (GPU_CHUNK, --jpeg-decoder, CUDA graphs for the forwards; default: eager)."""
     from packed_vit.encode import pipeline
-    from packed_vit.encode.job import DEFAULT_MAX_TOKENS
 
     chunk, decoder, graphs = (variant.split(":") + ["", ""])[:3]
     chunk, decoder, graphs = int(chunk), decoder or "nvjpeg", graphs == "graphs"
@@ -248,7 +249,7 @@ def profile_pipeline(model, processor, paths, variant: str) -> dict:
     images, gpu_seconds, first = 0, 0.0, None
     try:
         source = pipeline.PairsSource([(str(p), str(p)) for p in paths])
-        for result in pipeline.encoded_results(model, processor, source, DEFAULT_MAX_TOKENS, workers=USER_WORKERS,
+        for result in pipeline.encoded_results(model, processor, source, max_tokens, workers=USER_WORKERS,
                                                preprocess="gpu", clock=clock, cuda_graphs=graphs,
                                                jpeg_decoder=decoder):  # fmt: skip
             first = first or result.launched_at
@@ -451,12 +452,16 @@ def main() -> None:
     parser.add_argument("--startup-rounds", type=int, default=3,
                         help="start-up runs of ours and of transformers' load, alternating, per start-up config")
     parser.add_argument("--cli-only", action="store_true", help="only the CLI runs (no alone, user, profile, checks)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="patches per forward of the CLI runs and of the forwards alone (default: the job's)")
+    parser.add_argument("--no-user", action="store_true", help="no transformers user runs")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results_encode.json")
     args = parser.parse_args()
 
     import transformers
 
     from packed_vit.encode import load_embeddings, load_model_and_processor
+    from packed_vit.encode.job import DEFAULT_MAX_TOKENS
 
     start = time.perf_counter()
     corpus = args.work / "corpus"
@@ -469,7 +474,9 @@ def main() -> None:
     results = {"environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                                "torchvision": torchvision.__version__, "gpu": torch.cuda.get_device_name(),
                                "cpus": os.cpu_count()},
-               "corpus": {"images": len(paths), "median_megapixels": float(np.median(megapixels))}, "configs": {}}  # fmt: skip
+               "corpus": {"images": len(paths), "median_megapixels": float(np.median(megapixels))},
+               "max_tokens": args.max_tokens or DEFAULT_MAX_TOKENS, "configs": {}}  # fmt: skip
+    max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS
     for item in args.configs.split(","):
         name, _, only = item.partition(":")
         checkpoint = args.work / name
@@ -478,7 +485,7 @@ def main() -> None:
         embeddings = {}
         for mode in only.split("+") if only else args.modes.split(","):
             out = args.work / f"emb_{name}_{mode}.safetensors"
-            row["cli"][mode] = run_cli(corpus, checkpoint, out, mode)
+            row["cli"][mode] = run_cli(corpus, checkpoint, out, mode, args.max_tokens)
             loaded = load_embeddings(out)
             embeddings[mode] = (loaded.names, loaded.tensors()["pooled"])
             print(f"[{name}] cli {mode}: {row['cli'][mode]['printed']}", flush=True)
@@ -487,17 +494,17 @@ def main() -> None:
             args.out.write_text(json.dumps(results, indent=1))
             continue
         model, processor = load_model_and_processor(str(checkpoint), device="cuda", dtype=torch.bfloat16)
-        batches = packed_batches(paths, processor)
+        batches = packed_batches(paths, processor, max_tokens)
         row["forwards_alone"] = forwards_alone(model, batches)
         print(f"[{name}] forwards alone: {row['forwards_alone']}", flush=True)
-        row["forwards_alone_cuda_graphs"] = forwards_alone(model.enable_cuda_graphs(), batches)
+        row["forwards_alone_cuda_graphs"] = forwards_alone(model.enable_cuda_graphs(max_tokens=max_tokens), batches)
         print(f"[{name}] forwards alone, CUDA graphs: {row['forwards_alone_cuda_graphs']}", flush=True)
         if args.profile:
             variants = args.profile_chunks.split(",")
-            row["profile"] = [profile_pipeline(model, processor, paths, variant) for variant in variants]
+            row["profile"] = [profile_pipeline(model, processor, paths, variant, max_tokens) for variant in variants]
             print(f"[{name}] profile: {json.dumps(row['profile'], indent=1)}", flush=True)
         del model
-        if CONFIGS[name][3]:
+        if CONFIGS[name][3] and not args.no_user:
             row["transformers_user"] = transformers_user(paths, checkpoint, name)
             print(f"[{name}] transformers user: {row['transformers_user']}", flush=True)
         if name in args.startup_configs.split(","):

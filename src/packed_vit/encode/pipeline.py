@@ -518,14 +518,16 @@ def warm_up_grids(processor, max_tokens: int) -> list[tuple[int, int, int]]:
     """The grids of a forward that fills the budget as the job's forwards do, so that its CUDA graph (when graphs
     are on) is the one most forwards replay: frames of the processor's largest grid, the last one a patch short (a
     mixed corpus's forwards rarely fill the budget to the patch, and `cuda_graphs.Bucket` then adds a padding
-    segment); fixed-size AIMv2: its crop's grid, whose forwards fill the budget exactly."""
+    segment); fixed-size AIMv2: its crop's grid, whose forwards fill the budget exactly. At most
+    CUDA_GRAPH_MAX_TOKENS patches: past that no graph is captured, and a forward's kernels are those of that size."""
     options = processor.options({})
+    tokens = min(max_tokens, CUDA_GRAPH_MAX_TOKENS)
     patch_size = options["patch_size"]
     if not options.get("is_native", True) and options.get("do_center_crop"):
         rows, cols = options["crop_size"]["height"] // patch_size, options["crop_size"]["width"] // patch_size
-        return [(1, rows, cols)] * max(1, min(max_tokens, 16384) // (rows * cols))
+        return [(1, rows, cols)] * max(1, tokens // (rows * cols))
     side = max(1, int(options.get("max_num_patches", 256) ** 0.5))
-    frames = max(1, min(max_tokens, 16384) // (side * side))
+    frames = max(1, tokens // (side * side))
     return [(1, side, side)] * (frames - 1) + [(1, side, side - 1 if side > 1 else 1)]
 
 
