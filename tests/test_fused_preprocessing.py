@@ -66,3 +66,17 @@ def test_fused_kernels_in_tritons_interpreter_give_torchs_patches_within_a_round
     run = subprocess.run([sys.executable, "-c", "import test_fused_preprocessing as t; t.check_in_interpreter()"],
                          env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+@pytest.mark.parametrize("images", [1, 2, 3, 7])
+def test_each_section_of_the_kernels_table_starts_16_bytes_aligned_whatever_the_number_of_images(images):
+    """Triton compiles a kernel again for a pointer argument of another 16-byte alignment: a table whose sections
+    followed each other unpadded (15 int64 fields per image) gave odd image counts a compile of their own mid-run."""
+    from packed_vit.encode.fused_preprocessing import FIELDS, table_sections
+
+    rng = np.random.default_rng(images)
+    sections = [rng.integers(0, 1000, images * FIELDS), rng.integers(0, 9, 2 * (images + 1)), rng.integers(0, 9, 6)]
+    views = table_sections(sections, torch.device("cpu"))
+    assert all(view.data_ptr() % 16 == 0 for view in views)
+    for view, section in zip(views, sections):
+        assert torch.equal(view, torch.from_numpy(section))

@@ -41,8 +41,11 @@ if __name__ == "__main__":
     args = (x, delta, summed, out, weight, bias, width, 1e-6)
     constexprs = dict(HAS_DELTA=True, RMS=False, HAS_BIAS=True, BLOCK=block)
     compiled = fused_norm._add_norm_kernel[(tokens,)](*args, **constexprs)  # returns the CompiledKernel it ran
-    runner = compiled[(tokens, 1, 1)]
+    grid_runner = compiled[(tokens, 1, 1)]
     stream = torch.cuda.current_stream().cuda_stream
+
+    def runner(*arguments, stream):  # Triton 3.6's launcher takes the constexprs' values too, after the arguments
+        return grid_runner(*arguments, *constexprs.values(), stream=stream)
 
     expected = fused_norm.fused_add_norm(x, delta, weight, bias, 1e-6, False)
     summed.zero_(), out.zero_()

@@ -20,6 +20,7 @@ once per output row. Tested against `TorchPreprocessing` to the bit (tests/test_
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import torch
@@ -162,6 +163,21 @@ if triton is not None:
         tl.store(out + channel, tl.math.div_rn(value - mean, std), mask=inside)
 
 
+def table_sections(sections: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """int64 arrays -> views of one tensor on `device` holding them all: one host-to-device copy for all of them,
+    from pinned memory, so that the host does not wait for the stream's earlier work (the CPU: Triton's interpreter,
+    in the tests). Each view starts at a multiple of 16 bytes: Triton compiles a kernel again for a pointer argument
+    that is not (it specializes on that alignment), so an odd number of images in a group would cost a compile."""
+    starts = np.cumsum([0] + [-(-len(section) // 2) * 2 for section in sections])  # in int64s, each even
+    table = np.zeros(int(starts[-1]), dtype=np.int64)
+    for start, section in zip(starts, sections):
+        table[start : start + len(section)] = section
+    table = torch.from_numpy(table)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    return [table[start : start + len(section)] for start, section in zip(starts, sections)]
+
+
 def _tiles(counts: np.ndarray) -> np.ndarray:
     """[2 * sum(counts)] int64: (image, its tile) for every tile of every image, one program each."""
     images = np.repeat(np.arange(len(counts)), counts)
@@ -177,6 +193,7 @@ class FusedChunkPreprocessing:
     def __init__(self, bicubic: bool, patch_size: int, mean: torch.Tensor, std: torch.Tensor):
         self.bicubic, self.patch_size = bicubic, patch_size
         self.mean, self.std = mean.float().contiguous(), std.float().contiguous()  # already / the rescale factor
+        self.warming: threading.Thread | None = None  # `start_warm_up`'s, until `patches` has waited for it
 
     @classmethod
     def for_options(cls, mode: str | None, options: dict, mean, std, device: torch.device):
@@ -186,11 +203,34 @@ class FusedChunkPreprocessing:
             return None
         return cls(mode == "bicubic", options["patch_size"], mean.to(device), std.to(device))
 
+    def start_warm_up(self, device: torch.device) -> None:
+        """Both kernels' first launch, on a tiny image, in a thread of its own from now on: it compiles them (Triton,
+        the first run on a machine: about a second each), or reads them from Triton's cache, and loads them. Started
+        when the GPU preprocessing is made, it runs beside the decoder's making and the model's load, not in the first
+        chunk that the first forwards wait for. `patches` waits for it. An error here is left for `patches` to
+        raise, where the pipeline reports it."""
+
+        def warm_up():
+            with contextlib.suppress(Exception), torch.cuda.stream(torch.cuda.Stream(device)):
+                side = 2 * self.patch_size  # resized to one patch: both kernels' every step runs
+                self.make_patches([torch.zeros(3, side, side, dtype=torch.uint8, device=device)],
+                                  [(self.patch_size, self.patch_size)], [(0, 0, self.patch_size, self.patch_size)])
+                torch.cuda.current_stream(device).synchronize()
+
+        self.warming = threading.Thread(target=warm_up, name="packed-vit preprocessing kernels", daemon=True)
+        self.warming.start()
+
     def patches(self, images: list[torch.Tensor], resized: list[tuple[int, int]],
                 crops: list[tuple[int, int, int, int]]) -> torch.Tensor:  # fmt: skip
         """[3, H, W] uint8 CUDA images (any strides), each resized to `resized` (height, width), then cut to its
         `crops` window (top, left, height, width; sides multiples of the patch, inside the resized image) ->
         float32 patches [sum of h * w, p * p * 3], image after image, as `TorchPreprocessing` makes them."""
+        if self.warming is not None:
+            self.warming.join()
+            self.warming = None
+        return self.make_patches(images, resized, crops)
+
+    def make_patches(self, images, resized, crops) -> torch.Tensor:  # `patches`, without waiting for the warm-up
         device, patch = images[0].device, self.patch_size
         meta = np.zeros((len(images), FIELDS), dtype=np.int64)  # one numpy call per field, not per image
         meta[:, SOURCE] = [image.data_ptr() for image in images]
@@ -216,14 +256,7 @@ class FusedChunkPreprocessing:
         meta[:, ROWS_AT] = np.cumsum(sums_sizes) - sums_sizes
         row_tiles = _tiles(-(-meta[:, IN_H] // ROWS_BLOCK_Y) * -(-meta[:, OUT_W] // ROWS_BLOCK_X))
         column_tiles = _tiles(-(-meta[:, OUT_H] // COLUMNS_BLOCK_Y) * -(-meta[:, OUT_W] // COLUMNS_BLOCK_X))
-        table = np.concatenate([meta.reshape(-1), row_tiles, column_tiles])
-        # one copy for all of it; pinned, so that the host does not wait for the stream's earlier work
-        table = torch.from_numpy(table)
-        if device.type == "cuda":  # (the CPU: Triton's interpreter, in the tests)
-            table = table.pin_memory().to(device, non_blocking=True)
-        images = table[: meta.size]
-        rows = table[meta.size : meta.size + len(row_tiles)]
-        columns = table[meta.size + len(row_tiles) :]
+        images, rows, columns = table_sections([meta.reshape(-1), row_tiles, column_tiles], device)
         sums = torch.empty(int(sums_sizes.sum()), device=device)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             # Triton launches on the thread's current device (and its current stream), not the tensors' device

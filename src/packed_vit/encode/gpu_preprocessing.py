@@ -261,11 +261,13 @@ class GpuPreprocessing(TorchPreprocessing):
             raise ValueError("GPU preprocessing needs a CUDA device: use --preprocess cpu on this one")
         super().__init__(processor)
         self.device = device
-        self.decoder = make_jpeg_decoder(jpeg_decoder, device)
         self.mean = self.mean.to(device) if self.mean is not None else None
         self.std = self.std.to(device) if self.std is not None else None
         self.fused = FusedChunkPreprocessing.for_options(self.mode, self.options, self.mean, self.std, device) \
             if fused else None  # fmt: skip
+        if self.fused is not None:
+            self.fused.start_warm_up(device)  # beside the decoder's making, next
+        self.decoder = make_jpeg_decoder(jpeg_decoder, device)
 
     def prepare_chunk(self, chunk, clock: StageClock | None = None) -> None:
         """Sets `pixels` and `grid` of the chunk's GPU-path entries; a JPEG nvJPEG cannot decode becomes a skip.

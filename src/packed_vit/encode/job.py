@@ -27,7 +27,10 @@ from .output import Embeddings, FolderBusy, FolderLock, JobMismatch, ShardWriter
     prepare_folder, read_manifest, refuse_foreign_folder, resume_position, save_embeddings, write_manifest  # fmt: skip
 from .pipeline import PairsSource, StageClock, encoded_results, use_more_hardware_queues, warm_up
 
-DEFAULT_MAX_TOKENS = 16384
+# Patches per forward. The eager forwards' host time (their launches, ~20 ms per so400m / AIMv2-L forward on the H200
+# machine, beside the preprocessing thread under one GIL) is the same at any size, so forwards must be long enough on
+# the GPU to hide it: 16384 patches take 22-29 ms there at 256 patches per image, 32768 twice that.
+DEFAULT_MAX_TOKENS = 32768
 DEFAULT_SHARD_SIZE = 10000
 
 # Exit statuses of `packed-vit encode` (docs/encode-faults.md). Interrupted by a signal: 128 + its number (130 for
