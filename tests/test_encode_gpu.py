@@ -272,3 +272,20 @@ def test_two_ranks_sharing_one_gpu_equal_one_process(tmp_path):
     a, b = load_embeddings(tmp_path / "one"), load_embeddings(tmp_path / "two")
     assert a.names == b.names == [str(p) for p in paths]
     assert torch.equal(a.tensors()["pooled"], b.tensors()["pooled"])
+
+
+def test_mean_per_image_queues_without_a_host_sync():
+    """Headless towers (AIMv2 native) are pooled after every forward: a host sync there waits for the forward, and
+    the next one is queued only then."""
+    from packed_vit.encode.pipeline import mean_per_image
+
+    grid_thw = torch.tensor([[1, 16, 16], [1, 3, 40], [1, 1, 1]])
+    features = torch.randn(int(grid_thw.prod(1).sum()), 64, device="cuda", dtype=torch.bfloat16)
+    expected = torch.stack([piece.float().mean(0) for piece in features.split(grid_thw.prod(1).tolist())])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pooled = mean_per_image(features, grid_thw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(pooled, expected, rtol=1e-6, atol=1e-6)

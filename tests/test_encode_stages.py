@@ -9,6 +9,7 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from packed_vit.encode.gpu_preprocessing import TorchPreprocessing
 from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource, StageClock, in_background
@@ -64,6 +65,15 @@ def test_the_warm_up_forward_captures_the_graph_bucket_most_forwards_of_a_mixed_
     usual, count = buckets.most_common(1)[0]
     assert bucket(warm_up_grids(processor, max_tokens)) == usual
     assert count >= 0.6 * len(batches), buckets  # one graph serves most forwards
+
+
+def test_mean_per_image_is_each_images_mean_of_its_own_patches():
+    from packed_vit.encode.pipeline import mean_per_image
+
+    grid_thw = torch.tensor([[1, 3, 5], [1, 1, 1], [1, 7, 2], [2, 2, 2]])
+    features = torch.randn(int(grid_thw.prod(1).sum()), 6, dtype=torch.bfloat16)
+    expected = torch.stack([piece.float().mean(0) for piece in features.split(grid_thw.prod(1).tolist())])
+    torch.testing.assert_close(mean_per_image(features, grid_thw), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_the_preprocessing_thread_starts_at_once_and_stops_when_its_consumer_is_dropped():

@@ -324,9 +324,15 @@ def token_budget_batches(items: Iterable, max_tokens: int, tokens: Callable[[Any
 
 
 def mean_per_image(features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-    """[N, D] patch features of packed images -> [B, D], each image's mean, in one scatter (no loop over images)."""
-    lengths = grid_thw.prod(1).to(features.device)
-    image_of_patch = torch.repeat_interleave(torch.arange(len(lengths), device=features.device), lengths)
+    """[N, D] patch features of packed images -> [B, D], each image's mean, in one scatter (no loop over images).
+
+    No host sync on CUDA (`grid_thw` is on the host): a blocking copy of the lengths, or `repeat_interleave` without
+    its `output_size`, waits there for the whole forward to finish before the next one can be queued, and the GPU then
+    idles while the next one's first kernels are launched (a tower without a head, such as AIMv2 native, is pooled
+    here after every forward)."""
+    lengths = grid_thw.prod(1).to(features.device, non_blocking=True)
+    images = torch.arange(len(lengths), device=features.device)
+    image_of_patch = images.repeat_interleave(lengths, output_size=features.shape[0])
     sums = torch.zeros(len(lengths), features.shape[1], dtype=torch.float32, device=features.device)
     sums.index_add_(0, image_of_patch, features.float())
     return sums / lengths[:, None]
