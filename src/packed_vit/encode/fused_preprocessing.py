@@ -225,10 +225,13 @@ class FusedChunkPreprocessing:
         """[3, H, W] uint8 CUDA images (any strides), each resized to `resized` (height, width), then cut to its
         `crops` window (top, left, height, width; sides multiples of the patch, inside the resized image) ->
         float32 patches [sum of h * w, p * p * 3], image after image, as `TorchPreprocessing` makes them."""
+        self.wait_for_warm_up()
+        return self.make_patches(images, resized, crops)
+
+    def wait_for_warm_up(self) -> None:
         if self.warming is not None:
             self.warming.join()
             self.warming = None
-        return self.make_patches(images, resized, crops)
 
     def make_patches(self, images, resized, crops) -> torch.Tensor:  # `patches`, without waiting for the warm-up
         device, patch = images[0].device, self.patch_size

@@ -267,7 +267,12 @@ class GpuPreprocessing(TorchPreprocessing):
             if fused else None  # fmt: skip
         if self.fused is not None:
             self.fused.start_warm_up(device)  # beside the decoder's making, next
-        self.decoder = make_jpeg_decoder(jpeg_decoder, device)
+        try:
+            self.decoder = make_jpeg_decoder(jpeg_decoder, device)
+        except ValueError:  # the pipeline may fork CPU-path workers next: not while a thread of ours runs CUDA work
+            if self.fused is not None:
+                self.fused.wait_for_warm_up()
+            raise
 
     def prepare_chunk(self, chunk, clock: StageClock | None = None) -> None:
         """Sets `pixels` and `grid` of the chunk's GPU-path entries; a JPEG nvJPEG cannot decode becomes a skip.
