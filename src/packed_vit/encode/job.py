@@ -27,9 +27,10 @@ from .output import Embeddings, FolderBusy, FolderLock, JobMismatch, ShardWriter
     prepare_folder, read_manifest, refuse_foreign_folder, resume_position, save_embeddings, write_manifest  # fmt: skip
 from .pipeline import PairsSource, StageClock, encoded_results, use_more_hardware_queues, warm_up
 
-# Patches per forward. The eager forwards' host time (their launches, ~20 ms per so400m / AIMv2-L forward on the H200
-# machine, beside the preprocessing thread under one GIL) is the same at any size, so forwards must be long enough on
-# the GPU to hide it: 16384 patches take 22-29 ms there at 256 patches per image, 32768 twice that.
+# Patches per forward. An eager forward's host time is its kernel launches (~20 ms for so400m or AIMv2-L on the H200
+# machine, shared under one GIL with the preprocessing thread), the same at any size, so a forward must be long on the
+# GPU to hide it: at 16384 patches (22-29 ms of GPU at 256 patches per image) the launching thread was the bound; at
+# 32768 the job ran 4-5% faster (benchmarks/RESULTS.md, encode job, session 14).
 DEFAULT_MAX_TOKENS = 32768
 DEFAULT_SHARD_SIZE = 10000
 
