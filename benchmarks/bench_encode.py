@@ -471,12 +471,12 @@ def main() -> None:
     print(f"corpus: {len(paths)} JPEGs, median {np.median(megapixels):.2f} MP, written in {time.perf_counter() - start:.1f} s", flush=True)
     import torchvision
 
+    max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS
     results = {"environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                                "torchvision": torchvision.__version__, "gpu": torch.cuda.get_device_name(),
                                "cpus": os.cpu_count()},
                "corpus": {"images": len(paths), "median_megapixels": float(np.median(megapixels))},
-               "max_tokens": args.max_tokens or DEFAULT_MAX_TOKENS, "configs": {}}  # fmt: skip
-    max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS
+               "max_tokens": max_tokens, "configs": {}}  # fmt: skip
     for item in args.configs.split(","):
         name, _, only = item.partition(":")
         checkpoint = args.work / name
