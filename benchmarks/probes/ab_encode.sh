@@ -4,12 +4,13 @@
 # than the spread between the rounds of one side is noise): images/s from the first forward on (the corpus linked 4
 # times, 12000 JPEGs) and the start-up (128 JPEGs), each with its --profile; then transformers' own load, the
 # start-up goal's reference (bench_encode.transformers_startup), as many times.
-#   bash benchmarks/probes/ab_encode.sh OLD_TREE OUT_DIR [CONFIGS] [ROUNDS]
+#   [CORPORA=startup_corpus] bash benchmarks/probes/ab_encode.sh OLD_TREE OUT_DIR [CONFIGS] [ROUNDS]
+#   CORPORA: which of the two runs each round makes (default both; startup_corpus alone: the start-up only)
 #   OLD_TREE: made here with `mkdir -p .ab/old && git archive COMMIT src/packed_vit modeling configuration processing
 #   | tar -x -C .ab/old` (.ab ignored through .git/info/exclude, named in the device call's carry) -> .ab/old
 # Measured: a CLI run ~20-25 s (corpus4x), ~13 s (start-up); keep each device call under 10 minutes.
 set -uo pipefail
-old=$1 out=$2 configs=${3:-siglip2_256,aimv2_224} rounds=${4:-2}
+old=$1 out=$2 configs=${3:-siglip2_256,aimv2_224} rounds=${4:-2} corpora=${CORPORA:-corpus4x startup_corpus}
 source benchmarks/device_env.sh
 python3 benchmarks/probes/encode_corpus.py "$configs"
 mkdir -p /tmp/pv_old/packed_vit /tmp/be/startup_corpus "$out"
@@ -26,8 +27,9 @@ run() {  # side name corpus
 }
 for round in $(seq $rounds); do
     for name in ${configs//,/ }; do
-        for side in old new; do run $side $name /tmp/be/corpus4x; done
-        for side in old new; do run $side $name /tmp/be/startup_corpus; done
+        for corpus in $corpora; do
+            for side in old new; do run $side $name /tmp/be/$corpus; done
+        done
         echo "[$name] transformers' load: $(cd benchmarks && python3 -c "from bench_encode import *; \
             print(transformers_startup(Path('/tmp/be/$name'), '$name'))")" | tee -a $log
     done

@@ -60,6 +60,10 @@ from packed_vit.encode.jpeg_decoders import make_jpeg_decoder  # noqa: E402
 
 make_jpeg_decoder("nvjpeg", torch.device("cuda"))
 step("nvJPEG decoder made (with its test decode)")
+from packed_vit.encode.pipeline import hash_triton_compiler, warm_up  # noqa: E402
+
+hash_triton_compiler()
+step("Triton's cache key (the job hashes it in a thread of its own)")
 profiled("warm-up forward on zero weights", lambda: job.warm_up_on_zero_weights(
     tower.model_class, config, processor, max_tokens, torch.device("cuda"), torch.bfloat16, job.StageClock()))
 step(f"warm-up forward on zero weights ({max_tokens} patches)")
@@ -67,8 +71,6 @@ model = profiled("load_model", lambda: job.load_model(checkpoint, device=torch.d
                                                       tower=tower))  # fmt: skip
 torch.cuda.synchronize()
 step("load_model onto the GPU")
-from packed_vit.encode.pipeline import warm_up  # noqa: E402
-
 warm_up(model, processor, max_tokens, torch.cuda.Stream())
 step("warm-up forward on the weights")
 for name, seconds in steps:
