@@ -138,9 +138,11 @@ def test_the_warm_up_on_zero_weights_runs_a_whole_forward_of_the_budget(tmp_path
     (formats.siglip2_full_model if tower == "siglip2" else formats.vision_model)(*pair, folder)
     config, processor = load_config_and_processor(str(folder))
     clock = StageClock()
+    layers = config.num_hidden_layers
     warm_up_on_zero_weights(source_tower(str(folder)).model_class, config, processor, 600, torch.device("cuda"),
                             torch.bfloat16, clock)  # fmt: skip
     assert "kernels warmed up (zero weights)" in clock.marks
+    assert config.num_hidden_layers == layers  # its one-layer copy left the job's config as it was
 
 
 @pytest.mark.parametrize("preprocess", ["gpu", "cpu"])

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import os
 import signal
@@ -206,11 +207,15 @@ def warm_up_on_zero_weights(model_class, config, processor, max_tokens: int, dev
     """In a thread while the weights load (CUDA): the pipeline's warm-up forward (`pipeline.warm_up`) on a copy of
     the tower whose weights are zeros, so that the one-time costs of a process's first forward that need no weights
     (the kernels' lazy loading, the fused norms' Triton kernels, cuBLAS) are paid beside the load rather than after
-    it (measured: RESULTS.md, encode job, session 12). The copy takes as much GPU memory as the weights while it
-    runs, and gives it back. Only a head start: whatever fails here is left to the pipeline's warm-up forward on the
-    real weights."""
+    it (measured: RESULTS.md, encode job, session 12). The copy has one encoder layer: the layers are alike, so the
+    first pays every one-time cost of theirs, and the other layers' construction and launches only held the GIL
+    that the load and the GPU preprocessing's making need meanwhile (RESULTS.md, encode job, session 15). Its GPU
+    memory is given back at the end. Only a head start: whatever fails here is left to the pipeline's warm-up
+    forward on the real weights."""
     skeleton = None
     try:
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = 1
         with torch.device("meta"):
             skeleton = model_class(config).to(dtype)
         skeleton = skeleton.to_empty(device=device).eval()
