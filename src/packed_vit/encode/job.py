@@ -208,10 +208,10 @@ def warm_up_on_zero_weights(model_class, config, processor, max_tokens: int, dev
     the tower whose weights are zeros, so that the one-time costs of a process's first forward that need no weights
     (the kernels' lazy loading, the fused norms' Triton kernels, cuBLAS) are paid beside the load rather than after
     it (measured: RESULTS.md, encode job, session 12). The copy has one encoder layer: the layers are alike, so the
-    first pays every one-time cost of theirs, and the other layers' construction and launches only held the GIL
-    that the load and the GPU preprocessing's making need meanwhile (RESULTS.md, encode job, session 15). Its GPU
-    memory is given back at the end. Only a head start: whatever fails here is left to the pipeline's warm-up
-    forward on the real weights."""
+    first pays every one-time cost of theirs; more would only add their construction, launches and GPU memory (the
+    start-up measured the same with one layer as with all: RESULTS.md, encode job, session 15). Its GPU memory is
+    given back at the end. Only a head start: whatever fails here is left to the pipeline's warm-up forward on the
+    real weights."""
     skeleton = None
     try:
         config = copy.deepcopy(config)
