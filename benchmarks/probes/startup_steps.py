@@ -1,7 +1,7 @@
 """GPU: what does each step of the encode job's start-up after the imports cost on its own, one after the other in a
 fresh process (the job overlaps them: RESULTS.md, encode job, session 12)? Seconds per step. `--cprofile`: the
-zero-weight warm-up and the load under cProfile as well (in this process, after the plain steps: a second warm-up is
-no longer a first one, so the profiled one runs first when asked), the functions with the most own time.
+zero-weight warm-up and the load run under cProfile (their seconds then include its overhead), and the functions
+with the most own time in each are printed.
 
     python3 benchmarks/probes/startup_steps.py CHECKPOINT [MAX_TOKENS] [--cprofile]
 """

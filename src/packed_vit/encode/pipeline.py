@@ -660,8 +660,8 @@ def encoded_results(
             GpuPreprocessing(processor, device)  # raises its "needs a CUDA device"
     chunks = batches(gpu_decode)
     clock.mark("workers forked")
-    if device.type == "cuda":  # where the norms' and the preprocessing's first Triton launches will ask for it
-        threading.Thread(target=hash_triton_compiler, name="packed-vit triton key", daemon=True).start()
+    # Where the norms' and the preprocessing's first Triton launches will ask for the key: ahead, in a thread.
+    hashing = InThread(hash_triton_compiler) if device.type == "cuda" else None
     # The load from here on, beside the GPU preprocessing's making (the CUDA context, nvJPEG) and the first chunks'
     # decoding: most of it waits on the disk and the GPU, not on this thread.
     loading = InThread(model) if callable(model) and not isinstance(model, torch.nn.Module) else None
@@ -675,6 +675,8 @@ def encoded_results(
             del chunks  # "auto": the CPU path after all; its workers are stopped
             if loading is not None:  # the new workers fork once no other thread of ours runs CUDA work
                 model, loading = loading.result(), None
+            if hashing is not None:  # nor is in the middle of an import
+                hashing.result()
             chunks = batches(gpu_decode=False)
     chunks = chunks_on_device(chunks, device, prepare.options, gpu, clock)
     streams = None
