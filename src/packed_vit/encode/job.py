@@ -407,7 +407,7 @@ def encode_parts(options: JobOptions, parts: list[Part], job: dict, rank: int, w
     clock.mark("inputs listed")
 
     def load():  # called by the pipeline in a thread once its workers are forked: the load overlaps their start
-        warming = threading.Thread(target=warm_up_on_zero_weights, daemon=True, args=(
+        warming = threading.Thread(target=warm_up_on_zero_weights, name="packed-vit warm-up", daemon=True, args=(
             tower.model_class, config, processor, options.max_tokens, device, dtype, clock))  # fmt: skip
         if device.type == "cuda":
             warming.start()

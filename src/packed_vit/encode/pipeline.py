@@ -454,7 +454,8 @@ class InThread:
             except BaseException as error:  # raised in the caller's thread by result()
                 self.error = error
 
-        self.thread = threading.Thread(target=run, daemon=True)
+        name = f"packed-vit {getattr(function, '__name__', 'thread')}"  # what a profiler of the threads shows
+        self.thread = threading.Thread(target=run, name=name, daemon=True)
         self.thread.start()
 
     def result(self) -> Any:
