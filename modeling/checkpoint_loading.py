@@ -205,24 +205,12 @@ class CheckpointSource:
 
 def read_weights_file(path: str, device: torch.device) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
-        return read_safetensors(path, torch.device(device))
+        return load_safetensors(path, device=str(device))
     # A pickle can run code when unpickled: only ever with weights_only=True, which refuses anything but tensors.
     state_dict = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state_dict, Mapping) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
         raise ValueError(f"{path} is not a flat state dict (name -> tensor)")
     return dict(state_dict)
-
-
-def read_safetensors(path: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """The file's tensors on `device`. Off the CPU, each is read as a CPU view of the file (safetensors maps it) and
-    copied by `Tensor.to`, which lets go of the GIL while it copies. safetensors' own `load_file(device="cuda")` (0.7)
-    copies inside `torch.asarray`, which holds the GIL: in the encode job, where the weights load beside the GPU
-    preprocessing's start, the other threads then waited ~0.5 s at their first CUDA call (RESULTS.md, encode job,
-    session 16)."""
-    if device.type == "cpu":
-        return load_safetensors(path)
-    with safe_open(path, framework="pt", device="cpu") as weights:
-        return {name: weights.get_tensor(name).to(device) for name in weights.keys()}
 
 
 # --------------------------------------------------------------------------------------------------------------

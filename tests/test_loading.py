@@ -25,7 +25,6 @@ from reference import (
 from safetensors.torch import load_file, save_file
 
 from packed_vit import Aimv2PackingVisionModel, Siglip2PackingVisionModel
-from packed_vit.modeling.checkpoint_loading import read_safetensors
 from packed_vit.modeling.conversion_aimv2 import convert_aimv2_config, convert_aimv2_state_dict
 from packed_vit.modeling.conversion_siglip2 import convert_siglip2_state_dict
 
@@ -275,20 +274,6 @@ def test_safetensors_come_before_pickle(siglip2_checkpoint):
     assert torch.equal(from_safetensors.post_layernorm.weight, tensors["post_layernorm.weight"])
     from_pickle = Siglip2PackingVisionModel.from_pretrained(folder, use_safetensors=False)
     assert from_pickle.post_layernorm.weight.eq(0).all()
-
-
-def test_safetensors_off_the_cpu_are_the_files_tensors(siglip2_checkpoint):
-    """`read_safetensors` copies each tensor itself off the CPU (not safetensors' load_file(device=...)): every tensor,
-    its dtype and shape; on a GPU, its values ("meta" checks the rest where there is none)."""
-    folder, tensors = siglip2_checkpoint
-    device = torch.device("cuda" if torch.cuda.is_available() else "meta")
-    read = read_safetensors(str(folder / "model.safetensors"), device)
-    assert read.keys() == tensors.keys()
-    for name, tensor in read.items():
-        assert tensor.device.type == device.type and tensor.dtype == tensors[name].dtype, name
-        assert tensor.shape == tensors[name].shape, name
-        if device.type == "cuda":
-            assert torch.equal(tensor.cpu(), tensors[name]), name
 
 
 def test_missing_weights_are_refused(tmp_path):
