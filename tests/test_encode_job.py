@@ -129,12 +129,15 @@ def test_the_model_loads_in_a_thread_once_the_workers_are_forked_and_its_error_i
         list(encoded_results(broken, processor, PairsSource(images), BUDGET, workers=2, device="cpu"))
 
 
-@pytest.mark.parametrize("users_value", [None, "4"])
-def test_the_job_sets_32_hardware_queues_before_its_first_cuda_call_unless_the_user_set_them(
-    checkpoint, photos, tmp_path, monkeypatch, users_value
+@pytest.mark.parametrize("flags, users_value, expected", [
+    (["--cuda-graphs"], None, "32"), (["--cuda-graphs"], "4", "4"), ([], None, None), ([], "4", "4"),
+])  # fmt: skip
+def test_with_cuda_graphs_the_job_sets_32_hardware_queues_before_its_first_cuda_call_unless_the_user_set_them(
+    checkpoint, photos, tmp_path, monkeypatch, flags, users_value, expected
 ):
     """CUDA_DEVICE_MAX_CONNECTIONS is read when the CUDA context is made: beside replayed CUDA graphs the GPU path's
-    preprocessing starved at the default 8 (RESULTS.md, encode job, session 11)."""
+    preprocessing starved at the default 8 (RESULTS.md, encode job, session 11). Eager, 8 measured the same, and a
+    context of 32 queues takes 0.3-0.4 s longer to make (session 16): left to the driver."""
     if users_value is None:
         monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
     else:
@@ -147,8 +150,9 @@ def test_the_job_sets_32_hardware_queues_before_its_first_cuda_call_unless_the_u
         return real_is_available()
 
     monkeypatch.setattr(torch.cuda, "is_available", is_available)
-    assert encode(str(photos / "00.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "e.safetensors")) == 0
-    assert seen_at_first_cuda_call and seen_at_first_cuda_call[0] == (users_value or "32")
+    assert encode(str(photos / "00.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "e.safetensors"),
+                  *flags) == 0  # fmt: skip
+    assert seen_at_first_cuda_call and seen_at_first_cuda_call[0] == expected
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process start comes from /proc (Linux)")

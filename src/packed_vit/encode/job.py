@@ -137,8 +137,8 @@ def encode_images(
     `jpeg_decoder`: the GPU path's JPEG decoder, "auto", "nvjpeg" or "nvimgcodec" (`jpeg_decoders`).
     `cuda_graphs`: on CUDA, enable the model's CUDA graphs (`model.enable_cuda_graphs`) for the job's forwards
     (`packed-vit encode --cuda-graphs`). With the GPU path, set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process's
-    first CUDA call, as the command does (`pipeline.use_more_hardware_queues`): at the default 8 the preprocessing
-    starves beside replayed graphs.
+    first CUDA call, as the command does with --cuda-graphs (`pipeline.use_more_hardware_queues`): at the default 8
+    the preprocessing starves beside replayed graphs.
     """
     pairs = list(images)
     result = Embeddings()
@@ -314,7 +314,8 @@ def run_job(options: JobOptions, started: float | None = None) -> int:
     Ctrl-C and SIGTERM (a scheduler's preemption; torchrun ending the other ranks when one fails) drop the shard in
     progress and leave the folder as the same command resumes it."""
     started = started or time.time()
-    use_more_hardware_queues()  # before the process's CUDA context is made
+    if options.cuda_graphs:  # the preprocessing starves beside replayed graphs otherwise; eager, it costs start-up
+        use_more_hardware_queues()  # before the process's CUDA context is made
     clock = StageClock()  # --profile's start-up steps and stage seconds
     clock.mark("imports done")
     rank, world_size = ranks.start()

@@ -31,8 +31,9 @@ The preprocessing thread records a CUDA event after each chunk; a forward waits 
 chunks only (not for the whole preprocessing stream, which by then holds the next chunks' work too). nvJPEG's batch
 decode returns only once its batch is decoded, so it must not run in the thread that queues the forwards, and
 PREFETCH_CHUNKS chunks stay ready ahead so the forwards never wait for a decode. The preprocessing stream has the
-highest priority: its kernels are few and small. The job (`run_job`) asks for more hardware work queues before the
-process's CUDA context is made (`use_more_hardware_queues`), so that the streams do not wait behind each other's work.
+highest priority: its kernels are few and small. With CUDA graphs the job (`run_job`) asks for more hardware work
+queues before the process's CUDA context is made (`use_more_hardware_queues`), so that the preprocessing's streams do
+not wait behind replayed graphs.
 `StageClock` adds up each stage's host seconds and marks the start-up steps (`packed-vit encode --profile`).
 """
 
@@ -69,7 +70,9 @@ PIPELINE_DEPTH = 2  # forwards queued on the device before the host waits for th
 # 32). With the default 8, the preprocessing's streams (ours, and the pool stream torchvision's nvJPEG decodes on) can
 # share a queue with the forwards' stream, and their work then waits behind every forward queued before it on that
 # queue: beside replayed CUDA graphs the preprocessing fell from 4400 to 619 images/s, at 32 it kept 4379 (AIMv2-224,
-# RESULTS.md, encode job, session 11). A value the user set is kept.
+# RESULTS.md, encode job, session 11). Asked for only with CUDA graphs: the eager job measured the same at 8 and 32,
+# and a context of 32 queues took 0.50-0.62 s to make against 0.13-0.20 s at 8, on the start-up's longest chain
+# (benchmarks/probes/context_cost.py; RESULTS.md, encode job, session 16). A value the user set is kept.
 HARDWARE_QUEUES = "32"
 
 
