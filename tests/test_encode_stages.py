@@ -2,18 +2,21 @@
 thread's life, and the GPU path's reading stage (what the workers hand over before any GPU work)."""
 
 import collections
+import functools
 import gc
+import sys
 import threading
 import time
+import types
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
+from packed_vit.encode.fused_preprocessing import hash_triton_compiler
 from packed_vit.encode.gpu_preprocessing import TorchPreprocessing
-from packed_vit.encode.pipeline import (ChunkDataset, CpuPreparation, PairsSource, StageClock, hash_triton_compiler,
-                                       in_background)
+from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource, StageClock, in_background
 from packed_vit.processing import Aimv2PackingImageProcessor, Siglip2PackingImageProcessor
 
 
@@ -38,6 +41,34 @@ def test_the_head_start_on_triton_fills_the_cache_key_its_first_launch_asks_for(
     cache.triton_key.cache_clear()
     hash_triton_compiler()
     assert cache.triton_key.cache_info().currsize == 1
+
+
+def test_threads_that_ask_for_triton_s_cache_key_at_once_hash_it_once(monkeypatch):
+    # The job's start-up has three threads that need the key (its head start, the zero-weight warm-up's norms, the
+    # preprocessing kernels' warm-up); triton_key's lru_cache alone lets each one that comes before the first hash
+    # has ended hash again. A stand-in for Triton's module: the same cache, a slow hash.
+    hashes = []
+
+    @functools.lru_cache
+    def triton_key():
+        hashes.append(threading.get_ident())
+        time.sleep(0.2)
+        return "key"
+
+    def at_once(target):
+        threads = [threading.Thread(target=target) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    at_once(triton_key)
+    assert len(hashes) == 3  # the premise: the cache keeps results, not a hash in progress
+    triton_key.cache_clear()
+    hashes.clear()
+    monkeypatch.setitem(sys.modules, "triton.runtime.cache", types.SimpleNamespace(triton_key=triton_key))
+    at_once(hash_triton_compiler)
+    assert len(hashes) == 1
 
 
 @pytest.mark.parametrize("max_tokens", [16384, 32768])

@@ -39,6 +39,26 @@ SOURCE, STRIDE_C, STRIDE_Y, STRIDE_X, IN_H, IN_W, RESIZED_H, RESIZED_W, TOP, LEF
 ROWS_BLOCK_Y, ROWS_BLOCK_X = 8, 64  # `_rows_kernel`'s tile: input rows x output columns
 COLUMNS_BLOCK_Y, COLUMNS_BLOCK_X = 8, 64  # `_columns_kernel`'s tile: output rows x output columns
 MAX_ROW_SUMS_BYTES = 256 << 20  # the horizontal sums of a group of images, float32: a chunk goes in groups of this
+_hashing_triton = threading.Lock()  # `hash_triton_compiler`'s: one thread hashes, the others wait for its key
+
+
+def hash_triton_compiler() -> None:
+    """The one per-process cost of Triton's first kernel launch that needs neither a GPU nor a kernel, paid once:
+    the key of its on-disk compile cache hashes Triton's own compiler library (~400 MB read and hashed once per
+    process, `triton.runtime.cache.triton_key` in Triton 3.6-3.9). In cProfile it was 0.43 s of the zero-weight
+    warm-up's 1.3 s on the GPU machine (RESULTS.md, encode job, session 15). The job runs it in a thread once the
+    workers are forked (the reads and the hashing release the GIL, so it runs beside the CUDA context's making), and
+    each thread of the job's start-up that launches Triton kernels calls it first. The lock is why: `triton_key`'s
+    cache (`functools.lru_cache`) keeps a result, not a computation in progress, so the threads that launched their
+    first kernel before the first hash had ended hashed again, each ~0.5 s beside the others (sampled: RESULTS.md,
+    encode job, session 17); with it they wait for the one hash. A private function of Triton: where it is not there,
+    nothing is done and the first launch pays it."""
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        return
+    with _hashing_triton, contextlib.suppress(Exception):  # a head start: the first launch hashes if this failed
+        triton_key()
 
 if triton is not None:
 
@@ -211,6 +231,7 @@ class FusedChunkPreprocessing:
         raise, where the pipeline reports it."""
 
         def warm_up():
+            hash_triton_compiler()  # or wait for the job's hash in progress
             with contextlib.suppress(Exception), torch.cuda.stream(torch.cuda.Stream(device)):
                 side = 2 * self.patch_size  # resized to one patch: both kernels' every step runs
                 self.make_patches([torch.zeros(3, side, side, dtype=torch.uint8, device=device)],

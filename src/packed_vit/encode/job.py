@@ -212,6 +212,8 @@ def warm_up_on_zero_weights(model_class, config, processor, max_tokens: int, dev
     start-up measured the same with one layer as with all: RESULTS.md, encode job, session 15). Its GPU memory is
     given back at the end. Only a head start: whatever fails here is left to the pipeline's warm-up forward on the
     real weights."""
+    from .fused_preprocessing import hash_triton_compiler
+
     skeleton = None
     try:
         config = copy.deepcopy(config)
@@ -222,6 +224,7 @@ def warm_up_on_zero_weights(model_class, config, processor, max_tokens: int, dev
         with torch.no_grad():
             for tensor in itertools.chain(skeleton.parameters(), skeleton.buffers()):
                 tensor.zero_()
+        hash_triton_compiler()  # or wait for the job's hash in progress: the norms' first launch asks for it
         warm_up(skeleton, processor, max_tokens, torch.cuda.Stream(device))
         clock.mark("kernels warmed up (zero weights)")
     except Exception:  # noqa: BLE001 - see the docstring

@@ -541,22 +541,6 @@ def warm_up_grids(processor, max_tokens: int) -> list[tuple[int, int, int]]:
     return [(1, side, side)] * (frames - 1) + [(1, side, side - 1 if side > 1 else 1)]
 
 
-def hash_triton_compiler() -> None:
-    """The one per-process cost of Triton's first kernel launch that needs neither a GPU nor a kernel, paid ahead:
-    the key of its on-disk compile cache hashes Triton's own compiler library (~400 MB read and hashed once per
-    process, `triton.runtime.cache.triton_key` in Triton 3.6-3.9, cached). In cProfile it was 0.43 s of the
-    zero-weight warm-up's 1.3 s on the GPU machine (RESULTS.md, encode job, session 15). Run in a thread once the
-    workers are forked: the reads and the hashing release the GIL, so it runs beside the CUDA context's making
-    instead of inside the first norm's launch. A private function of Triton: where it is not there, nothing is done
-    and that launch pays it."""
-    try:
-        from triton.runtime.cache import triton_key
-    except ImportError:
-        return
-    with contextlib.suppress(Exception):  # only a head start: the first launch computes it again if this failed
-        triton_key()
-
-
 def warm_up(model, processor, max_tokens: int, stream: torch.cuda.Stream) -> None:
     """One forward of `warm_up_grids` (zeros), waited for: the one-time costs of a process's first forward (lazy
     kernel loading, cuBLAS workspaces, Triton compiles; with CUDA graphs on, the capture of the graph most forwards
@@ -664,8 +648,11 @@ def encoded_results(
             GpuPreprocessing(processor, device)  # raises its "needs a CUDA device"
     chunks = batches(gpu_decode)
     clock.mark("workers forked")
-    # Where the norms' and the preprocessing's first Triton launches will ask for the key: ahead, in a thread.
-    hashing = InThread(hash_triton_compiler) if device.type == "cuda" else None
+    hashing = None
+    if device.type == "cuda":  # the key the norms' and the preprocessing's first Triton launches ask for: ahead
+        from .fused_preprocessing import hash_triton_compiler
+
+        hashing = InThread(hash_triton_compiler)
     # The load from here on, beside the GPU preprocessing's making (the CUDA context, nvJPEG) and the first chunks'
     # decoding: most of it waits on the disk and the GPU, not on this thread.
     loading = InThread(model) if callable(model) and not isinstance(model, torch.nn.Module) else None
