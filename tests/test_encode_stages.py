@@ -14,7 +14,8 @@ import PIL.Image
 import pytest
 import torch
 
-from packed_vit.encode.fused_preprocessing import hash_triton_compiler
+from packed_vit.encode import fused_preprocessing
+from packed_vit.encode.fused_preprocessing import hash_triton_compiler, start_hashing_triton_compiler
 from packed_vit.encode.gpu_preprocessing import TorchPreprocessing
 from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource, StageClock, in_background
 from packed_vit.processing import Aimv2PackingImageProcessor, Siglip2PackingImageProcessor
@@ -69,6 +70,28 @@ def test_threads_that_ask_for_triton_s_cache_key_at_once_hash_it_once(monkeypatc
     monkeypatch.setitem(sys.modules, "triton.runtime.cache", types.SimpleNamespace(triton_key=triton_key))
     at_once(hash_triton_compiler)
     assert len(hashes) == 1
+
+
+def test_the_job_s_head_start_hashes_triton_s_key_once_in_a_thread_of_its_own(monkeypatch):
+    # The job starts it before the fork and the pipeline again after it: one thread, one hash, and a thread that
+    # asks for the key meanwhile waits for that hash instead of making its own.
+    hashes, started = [], threading.Event()
+
+    @functools.lru_cache
+    def triton_key():
+        hashes.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.2)
+        return "key"
+
+    monkeypatch.setitem(sys.modules, "triton.runtime.cache", types.SimpleNamespace(triton_key=triton_key))
+    monkeypatch.setattr(fused_preprocessing, "_hash_started", False)
+    start_hashing_triton_compiler()
+    start_hashing_triton_compiler()
+    assert started.wait(5)
+    hash_triton_compiler()  # the warm-ups' call: returns once the hash in progress has ended
+    assert triton_key.cache_info().currsize == 1
+    assert hashes == ["packed-vit hash_triton_compiler"]
 
 
 @pytest.mark.parametrize("max_tokens", [16384, 32768])

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU: does a change to the encode job (src/packed_vit) move its speed or its start-up? The CLI on an older
-# src/packed_vit and on this checkout's, interleaved old, new, old, new in one device call (a difference smaller
-# than the spread between the rounds of one side is noise): images/s from the first forward on (the corpus linked 4
-# times, 12000 JPEGs) and the start-up (128 JPEGs), each with its --profile; then transformers' own load, the
-# start-up goal's reference (bench_encode.transformers_startup), as many times.
+# src/packed_vit and on this checkout's, interleaved in one device call (a difference smaller than the spread between
+# the rounds of one side is noise): images/s from the first forward on (the corpus linked 4 times, 12000 JPEGs) and
+# the start-up (128 JPEGs), each with its --profile; and transformers' own load, the start-up goal's reference
+# (bench_encode.transformers_startup), once per config and round, first in the even rounds.
 #   [CORPORA=startup_corpus] bash benchmarks/probes/ab_encode.sh OLD_TREE OUT_DIR [CONFIGS] [ROUNDS]
 #   CORPORA: which of the two runs each round makes (default both; startup_corpus alone: the start-up only)
 #   OLD_TREE: made here with `mkdir -p .ab/old && git archive COMMIT src/packed_vit modeling configuration processing
@@ -25,12 +25,19 @@ run() {  # side name corpus
         --out /tmp/be/ab.safetensors --no-progress --profile 2>$out/last.err | tail -1)" | tee -a $log
     grep -A30 "start-up and run" $out/last.err >> $out/profiles.log; rm -f /tmp/be/ab.safetensors*
 }
+transformers_load() {  # name
+    echo "[$1] transformers' load: $(cd benchmarks && python3 -c "from bench_encode import *; \
+        print(transformers_startup(Path('/tmp/be/$1'), '$1'))")" | tee -a $log
+}
+# The order turns round by round (old, new, transformers; then transformers, new, old): the first run of a fresh
+# machine reads the libraries and the checkpoint from disk, and that should not fall on one side only.
 for round in $(seq $rounds); do
     for name in ${configs//,/ }; do
+        [ $((round % 2)) = 0 ] && transformers_load $name
         for corpus in $corpora; do
-            for side in old new; do run $side $name /tmp/be/$corpus; done
+            sides="old new"; [ $((round % 2)) = 0 ] && sides="new old"
+            for side in $sides; do run $side $name /tmp/be/$corpus; done
         done
-        echo "[$name] transformers' load: $(cd benchmarks && python3 -c "from bench_encode import *; \
-            print(transformers_startup(Path('/tmp/be/$name'), '$name'))")" | tee -a $log
+        [ $((round % 2)) = 1 ] && transformers_load $name
     done
 done

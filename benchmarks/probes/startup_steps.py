@@ -60,7 +60,8 @@ from packed_vit.encode.jpeg_decoders import make_jpeg_decoder  # noqa: E402
 
 make_jpeg_decoder("nvjpeg", torch.device("cuda"))
 step("nvJPEG decoder made (with its test decode)")
-from packed_vit.encode.pipeline import hash_triton_compiler, warm_up  # noqa: E402
+from packed_vit.encode.fused_preprocessing import hash_triton_compiler  # noqa: E402
+from packed_vit.encode.pipeline import warm_up  # noqa: E402
 
 hash_triton_compiler()
 step("Triton's cache key (the job hashes it in a thread of its own)")

@@ -40,25 +40,46 @@ ROWS_BLOCK_Y, ROWS_BLOCK_X = 8, 64  # `_rows_kernel`'s tile: input rows x output
 COLUMNS_BLOCK_Y, COLUMNS_BLOCK_X = 8, 64  # `_columns_kernel`'s tile: output rows x output columns
 MAX_ROW_SUMS_BYTES = 256 << 20  # the horizontal sums of a group of images, float32: a chunk goes in groups of this
 _hashing_triton = threading.Lock()  # `hash_triton_compiler`'s: one thread hashes, the others wait for its key
+_starting_hash = threading.Lock()  # `start_hashing_triton_compiler`'s (not the one above: the hash holds that one)
+_hash_started = False
 
 
 def hash_triton_compiler() -> None:
     """The one per-process cost of Triton's first kernel launch that needs neither a GPU nor a kernel, paid once:
     the key of its on-disk compile cache hashes Triton's own compiler library (~400 MB read and hashed once per
     process, `triton.runtime.cache.triton_key` in Triton 3.6-3.9). In cProfile it was 0.43 s of the zero-weight
-    warm-up's 1.3 s on the GPU machine (RESULTS.md, encode job, session 15). The job runs it in a thread once the
-    workers are forked (the reads and the hashing release the GIL, so it runs beside the CUDA context's making), and
-    each thread of the job's start-up that launches Triton kernels calls it first. The lock is why: `triton_key`'s
-    cache (`functools.lru_cache`) keeps a result, not a computation in progress, so the threads that launched their
-    first kernel before the first hash had ended hashed again, each ~0.5 s beside the others (sampled: RESULTS.md,
-    encode job, session 17); with it they wait for the one hash. A private function of Triton: where it is not there,
-    nothing is done and the first launch pays it."""
+    warm-up's 1.3 s on the GPU machine (RESULTS.md, encode job, session 15). The job starts it in a thread of its own
+    (`start_hashing_triton_compiler`), and each thread of the job's start-up that launches Triton kernels calls it
+    first. The lock is why: `triton_key`'s cache (`functools.lru_cache`) keeps a result, not a computation in
+    progress, so the threads that launched their first kernel before the first hash had ended hashed again, each
+    ~0.5 s beside the others (sampled: RESULTS.md, encode job, session 17); with it they wait for the one hash. A
+    private function of Triton: where it is not there, nothing is done and the first launch pays it."""
     try:
         from triton.runtime.cache import triton_key
     except ImportError:
         return
     with _hashing_triton, contextlib.suppress(Exception):  # a head start: the first launch hashes if this failed
         triton_key()
+
+
+def start_hashing_triton_compiler() -> None:
+    """`hash_triton_compiler` in a daemon thread from now on, once per process (a second call does nothing): the
+    job starts it as soon as it knows its device is CUDA, before the listing and the workers' fork, so that the
+    threads that launch Triton kernels later find the key made or in progress. The reads and the hashing release
+    the GIL, so it runs beside the main thread. Triton itself is imported here, in the caller's thread: a fork while
+    another thread is in the middle of an import leaves that module's import lock held in the child. (The hash then
+    imports a few of Triton's subpackages, which the workers never import.)"""
+    global _hash_started
+    with _starting_hash:
+        if _hash_started:
+            return
+        _hash_started = True
+    try:
+        from triton.runtime.cache import triton_key  # noqa: F401
+    except ImportError:
+        return
+    threading.Thread(target=hash_triton_compiler, name="packed-vit hash_triton_compiler", daemon=True).start()
+
 
 if triton is not None:
 

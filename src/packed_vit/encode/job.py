@@ -341,6 +341,10 @@ def run_job(options: JobOptions, started: float | None = None) -> int:
 
 def _run_job(options: JobOptions, rank: int, world_size: int, started: float, clock: StageClock) -> int:
     device = ranks.device_of_rank(options.device)
+    if device.type == "cuda":  # Triton's key, beside the listing and the fork (the pipeline would start it after)
+        from .fused_preprocessing import start_hashing_triton_compiler
+
+        start_hashing_triton_compiler()
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = dtypes[options.dtype] if options.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not options.to_folder and world_size > 1:

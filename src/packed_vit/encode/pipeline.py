@@ -648,11 +648,10 @@ def encoded_results(
             GpuPreprocessing(processor, device)  # raises its "needs a CUDA device"
     chunks = batches(gpu_decode)
     clock.mark("workers forked")
-    hashing = None
     if device.type == "cuda":  # the key the norms' and the preprocessing's first Triton launches ask for: ahead
-        from .fused_preprocessing import hash_triton_compiler
+        from .fused_preprocessing import hash_triton_compiler, start_hashing_triton_compiler
 
-        hashing = InThread(hash_triton_compiler)
+        start_hashing_triton_compiler()  # unless the job has started it already
     # The load from here on, beside the GPU preprocessing's making (the CUDA context, nvJPEG) and the first chunks'
     # decoding: most of it waits on the disk and the GPU, not on this thread.
     loading = InThread(model) if callable(model) and not isinstance(model, torch.nn.Module) else None
@@ -666,8 +665,8 @@ def encoded_results(
             del chunks  # "auto": the CPU path after all; its workers are stopped
             if loading is not None:  # the new workers fork once no other thread of ours runs CUDA work
                 model, loading = loading.result(), None
-            if hashing is not None:  # nor is in the middle of an import
-                hashing.result()
+            if device.type == "cuda":  # nor is in the middle of an import (the hash's, of Triton's subpackages)
+                hash_triton_compiler()  # waits for the hash in progress
             chunks = batches(gpu_decode=False)
     chunks = chunks_on_device(chunks, device, prepare.options, gpu, clock)
     streams = None
