@@ -386,6 +386,8 @@ def preprocessing_check(paths, config_name: str, ours_processor) -> dict:
 
     family, fields, _, has_processor = CONFIGS[config_name]
     ours = GpuPreprocessing(ours_processor, torch.device("cuda"))
+    if ours.fused is not None:
+        ours.fused.wait_for_warm_up()  # `many_patches` takes the torch ops until then
     theirs = transformers_processor(config_name) if has_processor else None
     worst_patch, patch_means, worst_pixel, pixel_means, fused_equal = 0.0, [], 0, [], 0
     for path in paths:

@@ -31,6 +31,7 @@ def both_paths(ours: GpuPreprocessing, image: torch.Tensor):
     paths = [("torch ops", *ours.patches(image))]
     if fused_preprocessing.triton is not None:
         assert ours.fused is not None, "CUDA with Triton: the fused path applies"
+        ours.fused.wait_for_warm_up()  # the torch ops until then
         pixels, (grid,) = ours.many_patches([image])
         paths.append(("fused", pixels, grid))
     return paths
@@ -204,6 +205,7 @@ def test_fused_preprocessing_gives_the_torch_ops_bits_for_a_chunk_of_every_kind_
     processor = PROCESSORS[config]()
     fused, torch_ops = (GpuPreprocessing(processor, torch.device("cuda"), fused=f) for f in (True, False))
     assert fused.fused is not None and torch_ops.fused is None
+    fused.fused.wait_for_warm_up()  # the torch ops until then
     rng = np.random.default_rng(1)
     sizes = [(int(h), int(w)) for h, w in rng.integers(16, 1700, (14, 2))]
     sizes += [(9, 700), (1600, 23), (31, 17), (224, 224), (256, 256), (448, 448), (1200, 1600), (1601, 1199)]

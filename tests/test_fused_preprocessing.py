@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,27 @@ def test_each_section_of_the_kernels_table_starts_16_bytes_aligned_whatever_the_
     assert all(view.data_ptr() % 16 == 0 for view in views)
     for view, section in zip(views, sections):
         assert torch.equal(view, torch.from_numpy(section))
+
+
+def test_until_the_kernels_warm_up_has_ended_a_chunk_goes_by_the_torch_ops_without_waiting_for_it():
+    """On a machine's first run Triton compiles the kernels in their warm-up thread: the first chunks, which the first
+    forward waits for, take the torch ops (the same bits on CUDA: tests/test_encode_gpu.py) instead of that wait."""
+    from packed_vit.encode.fused_preprocessing import FusedChunkPreprocessing
+    from packed_vit.encode.gpu_preprocessing import TorchPreprocessing
+    from packed_vit.processing import Siglip2PackingImageProcessor
+
+    processor = Siglip2PackingImageProcessor(max_num_patches=16)
+    ours, fused = TorchPreprocessing(processor), TorchPreprocessing(processor)
+    fused.fused = FusedChunkPreprocessing(False, ours.patch_size, ours.mean, ours.std)
+    compiling, launched = threading.Event(), []
+    fused.fused.warming = threading.Thread(target=compiling.wait, args=(20,), daemon=True)
+    fused.fused.warming.start()
+    fused.fused.make_patches = lambda *args: launched.append(args) or expected
+    rng = np.random.default_rng(0)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in [(40, 70), (90, 20)]]
+    expected, grids = ours.many_patches(images)
+    pixels, fused_grids = fused.many_patches(images)  # waiting for the warm-up would end in 20 s, in the kernels
+    assert torch.equal(pixels, expected) and fused_grids == grids and not launched
+    compiling.set()
+    fused.fused.warming.join()
+    assert fused.many_patches(images)[1] == grids and len(launched) == 1  # the kernels from then on

@@ -6,6 +6,7 @@
 # (bench_encode.transformers_startup), once per config and round, first in the even rounds.
 #   [CORPORA=startup_corpus] bash benchmarks/probes/ab_encode.sh OLD_TREE OUT_DIR [CONFIGS] [ROUNDS]
 #   CORPORA: which of the two runs each round makes (default both; startup_corpus alone: the start-up only)
+#   FRESH_TRITON_CACHE=1: each CLI run gets an empty TRITON_CACHE_DIR, as a machine's first run (Triton compiles)
 #   OLD_TREE: made here with `mkdir -p .ab/old && git archive COMMIT src/packed_vit modeling configuration processing
 #   | tar -x -C .ab/old` (.ab ignored through .git/info/exclude, named in the device call's carry) -> .ab/old
 # Measured: a CLI run ~20-25 s (corpus4x), ~13 s (start-up); keep each device call under 10 minutes.
@@ -21,7 +22,9 @@ log=$out/ab_encode.log
 run() {  # side name corpus
     local path=${PYTHONPATH:-}
     [ "$1" = old ] && path=/tmp/pv_old${PYTHONPATH:+:$PYTHONPATH}
-    echo "[$2] $1 $(basename $3): $(PYTHONPATH=$path timeout 90 python3 -m packed_vit encode $3 --model /tmp/be/$2 \
+    local cache=()
+    [ "${FRESH_TRITON_CACHE:-0}" = 1 ] && cache=(TRITON_CACHE_DIR=$(mktemp -d /tmp/triton_cache.XXXX))
+    echo "[$2] $1 $(basename $3): $(env PYTHONPATH=$path "${cache[@]}" timeout 90 python3 -m packed_vit encode $3 --model /tmp/be/$2 \
         --out /tmp/be/ab.safetensors --no-progress --profile 2>$out/last.err | tail -1)" | tee -a $log
     grep -A30 "start-up and run" $out/last.err >> $out/profiles.log; rm -f /tmp/be/ab.safetensors*
 }

@@ -33,6 +33,8 @@ class Preprocessing:
         from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource
 
         self.gpu = GpuPreprocessing(processor, torch.device("cuda"), jpeg_decoder, fused)
+        if self.gpu.fused is not None:
+            self.gpu.fused.wait_for_warm_up()  # the torch ops until then: measure the job's steady state
         source = PairsSource([(str(p), str(p)) for p in paths])
         self.chunks = list(ChunkDataset(source, CpuPreparation(processor), gpu_decode=True))
         self.stream = torch.cuda.Stream(priority=-100)

@@ -270,6 +270,13 @@ class FusedChunkPreprocessing:
         self.wait_for_warm_up()
         return self.make_patches(images, resized, crops)
 
+    def ready(self) -> bool:
+        """Its warm-up has ended: the kernels are compiled (or read from Triton's cache) and loaded. Until then
+        `GpuPreprocessing` makes a chunk's patches with the torch ops, to the same bits, instead of waiting: on a
+        machine's first run Triton compiles both kernels (~0.5 s each), and the first chunks, which the first forward
+        waits for, then waited for that compile (sampled: RESULTS.md, encode job, session 18)."""
+        return self.warming is None or not self.warming.is_alive()
+
     def wait_for_warm_up(self) -> None:
         if self.warming is not None:
             self.warming.join()

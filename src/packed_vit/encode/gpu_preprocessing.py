@@ -8,7 +8,8 @@ torch operations of transformers' torchvision backend do it (`Siglip2ImageProces
 factor, in float32. Where to resize to is our processors' rule: `naflex_grid` (Siglip2), `fixed_size` + crop (AIMv2
 224/336/448, = CLIPImageProcessor's), `native_grid` (AIMv2 native, which transformers has no processor for).
 `TorchPreprocessing` runs those torch operations image by image; on CUDA with Triton, `GpuPreprocessing` runs a whole
-chunk through `fused_preprocessing`'s two launches instead, to the same bits (tests/test_encode_gpu.py).
+chunk through `fused_preprocessing`'s two launches instead, to the same bits (tests/test_encode_gpu.py), once their
+kernels are ready (the torch operations until then: a machine's first run compiles them).
 
 Exactness: on CUDA the patches equal the torchvision backend's run on the same device for the same decoded pixels
 (tests/test_encode_gpu.py). The pixel code (`TorchPreprocessing`) is plain torch and runs on any device; on the CPU
@@ -212,11 +213,12 @@ class TorchPreprocessing:
 
     def many_patches(self, images: list[torch.Tensor], sizes: list | None = None):
         """[3, H, W] uint8 images -> (float32 patches of them all, image after image; their grids), as `patches`
-        makes them one by one: by `fused` (`fused_preprocessing`) where it is set and applies, else by the torch ops
-        (their resized values normalized at once). `sizes`: each image's `target_size` where known, else None."""
+        makes them one by one: by `fused` (`fused_preprocessing`) where it is set, applies and its kernels are ready,
+        else by the torch ops (their resized values normalized at once), the same bits. `sizes`: each image's
+        `target_size` where known, else None."""
         sizes = sizes or [None] * len(images)
         sizes = [size or self.target_size(image.shape[1], image.shape[2]) for image, size in zip(images, sizes)]
-        if self.fused is not None:
+        if self.fused is not None and self.fused.ready():
             crops = [self.crop_window(*size) for size in sizes]
             if None not in crops:  # an image smaller than the crop is zero padded: only the torch ops do that
                 for _, _, height, width in crops:
