@@ -14,7 +14,6 @@ import PIL.Image
 import pytest
 import torch
 
-from packed_vit.encode import fused_preprocessing
 from packed_vit.encode.fused_preprocessing import hash_triton_compiler, start_hashing_triton_compiler
 from packed_vit.encode.gpu_preprocessing import TorchPreprocessing
 from packed_vit.encode.pipeline import ChunkDataset, CpuPreparation, PairsSource, StageClock, in_background
@@ -85,13 +84,14 @@ def test_the_job_s_head_start_hashes_triton_s_key_once_in_a_thread_of_its_own(mo
         return "key"
 
     monkeypatch.setitem(sys.modules, "triton.runtime.cache", types.SimpleNamespace(triton_key=triton_key))
-    monkeypatch.setattr(fused_preprocessing, "_hash_started", False)
+    start_hashing_triton_compiler.cache_clear()  # as in a new process
     start_hashing_triton_compiler()
     start_hashing_triton_compiler()
     assert started.wait(5)
     hash_triton_compiler()  # the warm-ups' call: returns once the hash in progress has ended
     assert triton_key.cache_info().currsize == 1
     assert hashes == ["packed-vit hash_triton_compiler"]
+    start_hashing_triton_compiler.cache_clear()  # the real one's head start for the tests after this one
 
 
 @pytest.mark.parametrize("max_tokens", [16384, 32768])

@@ -20,6 +20,7 @@ once per output row. Tested against `TorchPreprocessing` to the bit (tests/test_
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import numpy as np
@@ -40,8 +41,6 @@ ROWS_BLOCK_Y, ROWS_BLOCK_X = 8, 64  # `_rows_kernel`'s tile: input rows x output
 COLUMNS_BLOCK_Y, COLUMNS_BLOCK_X = 8, 64  # `_columns_kernel`'s tile: output rows x output columns
 MAX_ROW_SUMS_BYTES = 256 << 20  # the horizontal sums of a group of images, float32: a chunk goes in groups of this
 _hashing_triton = threading.Lock()  # `hash_triton_compiler`'s: one thread hashes, the others wait for its key
-_starting_hash = threading.Lock()  # `start_hashing_triton_compiler`'s (not the one above: the hash holds that one)
-_hash_started = False
 
 
 def hash_triton_compiler() -> None:
@@ -62,18 +61,14 @@ def hash_triton_compiler() -> None:
         triton_key()
 
 
+@functools.cache  # once per process
 def start_hashing_triton_compiler() -> None:
-    """`hash_triton_compiler` in a daemon thread from now on, once per process (a second call does nothing): the
+    """`hash_triton_compiler` in a daemon thread from now on, once per process (a later call does nothing): the
     job starts it as soon as it knows its device is CUDA, before the listing and the workers' fork, so that the
     threads that launch Triton kernels later find the key made or in progress. The reads and the hashing release
     the GIL, so it runs beside the main thread. Triton itself is imported here, in the caller's thread: a fork while
     another thread is in the middle of an import leaves that module's import lock held in the child. (The hash then
     imports a few of Triton's subpackages, which the workers never import.)"""
-    global _hash_started
-    with _starting_hash:
-        if _hash_started:
-            return
-        _hash_started = True
     try:
         from triton.runtime.cache import triton_key  # noqa: F401
     except ImportError:
